@@ -1,0 +1,130 @@
+"""Readable float64 oracle of every quantity fastguide computes. Clarity over speed.
+
+Tests and benchmarks compare against these functions. Everything is evaluated in float64 with the
+textbook formulas (explicit centring matrix H, the Song et al. 2012 closed form of unbiased HSIC),
+without the fp32 tricks of the fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float64).reshape(x.shape[0], -1)
+
+
+def linear_gram(x: torch.Tensor) -> torch.Tensor:
+    X = _f64(x)
+    return X @ X.T
+
+
+def rbf_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """``exp(-||xi - xj||^2 / (2 sigma^2))``; ``sigma=None``: sigma^2 = median of all n^2 sq. distances."""
+    X = _f64(x)
+    X = X - X.mean(0)
+    sq = (X * X).sum(1)
+    D = (sq[:, None] + sq[None, :] - 2 * X @ X.T).clamp_min(0)
+    D.fill_diagonal_(0)
+    sig2 = D.median() if sigma is None else torch.tensor(float(sigma) ** 2, dtype=torch.float64)
+    return torch.exp(-D / (2 * sig2))
+
+
+def centering_matrix(n: int) -> torch.Tensor:
+    return torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+
+
+def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Kornblith et al. 2019: ``tr(K H L H) / (n - 1)^2``."""
+    n = K.shape[0]
+    H = centering_matrix(n)
+    return torch.trace(K @ H @ L @ H) / (n - 1) ** 2
+
+
+def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Song et al. 2012 / Nguyen et al. 2021 unbiased HSIC (needs n >= 4).
+
+    With K~, L~ the Grams with zeroed diagonals:
+    ``[tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
+    """
+    n = K.shape[0]
+    Kt = K.clone()
+    Lt = L.clone()
+    Kt.fill_diagonal_(0)
+    Lt.fill_diagonal_(0)
+    one = torch.ones(n, dtype=torch.float64)
+    term1 = torch.trace(Kt @ Lt)
+    term2 = (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+    term3 = 2.0 / (n - 2) * (one @ Kt @ Lt @ one)
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def u_center(K: torch.Tensor) -> torch.Tensor:
+    """Szekely-Rizzo U-centring (zero diagonal, zero row sums); <U(K), U(L)>/(n(n-3)) = hsic_unbiased."""
+    n = K.shape[0]
+    Kt = K.clone()
+    Kt.fill_diagonal_(0)
+    r = Kt.sum(1)
+    U = Kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + Kt.sum() / ((n - 1) * (n - 2))
+    U.fill_diagonal_(0)
+    return U
+
+
+def hsic(K: torch.Tensor, L: torch.Tensor, estimator: str = "unbiased") -> torch.Tensor:
+    return hsic_unbiased(K, L) if estimator == "unbiased" else hsic_biased(K, L)
+
+
+def gram(x: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> torch.Tensor:
+    return linear_gram(x) if kernel == "linear" else rbf_gram(x, sigma)
+
+
+def centered_gram(x: torch.Tensor) -> torch.Tensor:
+    """``H X X^T H`` in float64 (what ``fastguide.gram(x)`` returns)."""
+    H = centering_matrix(x.shape[0])
+    return H @ linear_gram(x) @ H
+
+
+def is_degenerate(x: torch.Tensor) -> bool:
+    """The DESIGN.md section 3 rule: centred signal below the input dtype's rounding level."""
+    eps = torch.finfo(x.dtype).eps
+    X = _f64(x)
+    t = ((X - X.mean(0)) ** 2).sum()
+    return bool(t <= (4 * eps) ** 2 * (X**2).sum())
+
+
+def cka(
+    x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased", kernel: str = "linear", sigma=None
+) -> torch.Tensor:
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); exactly 0 if either layer is degenerate."""
+    if is_degenerate(x) or is_degenerate(y):
+        return torch.zeros((), dtype=torch.float64)
+    K, L = gram(x, kernel, sigma), gram(y, kernel, sigma)
+    kl = hsic(K, L, estimator)
+    kk = hsic(K, K, estimator)
+    ll = hsic(L, L, estimator)
+    if kk <= 0 or ll <= 0:
+        return torch.zeros((), dtype=torch.float64)
+    return kl / (kk.sqrt() * ll.sqrt())
+
+
+def cka_matrix(xs, ys=None, estimator: str = "unbiased", kernel: str = "linear", sigma=None) -> torch.Tensor:
+    ys = xs if ys is None else ys
+    out = torch.zeros(len(xs), len(ys), dtype=torch.float64)
+    for i, x in enumerate(xs):
+        for j, y in enumerate(ys):
+            out[i, j] = cka(x, y, estimator, kernel, sigma)
+    return out
+
+
+def minibatch_cka(batches_x, batches_y, estimator: str = "unbiased") -> torch.Tensor:
+    """Nguyen et al. 2021 minibatch CKA over lists of per-batch activations (one layer each side).
+
+    Sums per-batch HSICs (each with its own 1/(n_t(n_t-3))) and divides once at the end.
+    """
+    xy = xx = yy = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(batches_x, batches_y):
+        K, L = linear_gram(x), linear_gram(y)
+        xy = xy + hsic(K, L, estimator)
+        xx = xx + hsic(K, K, estimator)
+        yy = yy + hsic(L, L, estimator)
+    return xy / (xx.sqrt() * yy.sqrt())

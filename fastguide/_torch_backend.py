@@ -1,0 +1,311 @@
+"""The fastguide algorithm in plain torch (CPU, and the fallback on GPU).
+
+Names follow DESIGN.md section 2. Per layer a (an (n, d) matrix of examples):
+
+* shift: the mean of the first ``min(n, 32)`` rows, subtracted on load -> ``X^`` (removes the fp32
+  cancellation of large offsets; CKA is invariant to any per-column shift);
+* Gram ``K = X^ X^T`` (one per layer, never one per pair);
+* centring: ``H K H`` (biased) or the U-centring ``U(K)`` (unbiased), never forming H;
+* normalisation by the mean diagonal ``s = tr(HKH) / n``: ``C = centred(K) / s``;
+* self-HSIC ``h = <C, C> / N``; degenerate flag ``ok`` (section 3).
+
+Pairs: ``HSIC(a, b) = <C_a, C_b> / N``; CKA = ``HSIC / (sqrt(h_a) sqrt(h_b))``.
+Backward: ``dX_a = (2 / s_a) G_a X^_a`` with ``G_a = sum_b W[a, b] C_b`` and ``W`` built from the
+pair gradients by :func:`pair_weights`.
+
+The feature route (linear kernel, n > d) computes the same quantities from ``X^T Y`` products and
+O(nd) vectors without any n x n matrix; see :func:`feature_stats`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import acc_dtype, hsic_norm
+
+SHIFT_ROWS = 32
+
+
+# --------------------------------------------------------------------------- per-layer statistics
+def shifted(x: torch.Tensor) -> torch.Tensor:
+    """``X^ = x - mean(x[:min(n, 32)])`` in the accumulation dtype (a new (n, d) tensor)."""
+    acc = acc_dtype(x.dtype)
+    shift = x[:SHIFT_ROWS].to(acc).mean(dim=0)
+    return x.to(acc) - shift
+
+
+def degenerate_threshold(x: torch.Tensor) -> torch.Tensor:
+    """``(4 eps)^2 ||x||_F^2`` of the raw input, eps of the input dtype (DESIGN.md section 3)."""
+    eps = torch.finfo(x.dtype).eps
+    sq = torch.linalg.vector_norm(x, dtype=acc_dtype(x.dtype)).square()
+    return (4.0 * eps) ** 2 * sq
+
+
+def center_gram(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre a Gram in place-free fashion. Returns (centred, tr(HKH)).
+
+    Biased: ``H K H`` by subtracting row/column means and adding the grand mean.
+    Unbiased: Szekely-Rizzo U-centring of ``K~`` (K with zeroed diagonal): zero diagonal, zero
+    row sums.
+    """
+    n = K.shape[-1]
+    diag = K.diagonal(dim1=-2, dim2=-1)
+    if estimator == "biased":
+        m = K.mean(dim=-1)
+        g = m.mean(dim=-1)
+        Cu = K - m.unsqueeze(-1) - m.unsqueeze(-2) + g[..., None, None]
+        return Cu, Cu.diagonal(dim1=-2, dim2=-1).sum(-1)
+    tr = diag.sum(-1)
+    Kt = K - torch.diag_embed(diag)
+    r = Kt.sum(dim=-1)
+    tot = r.sum(dim=-1)
+    t = tr - (tot + tr) / n
+    Cu = Kt - (r.unsqueeze(-1) + r.unsqueeze(-2)) / (n - 2) + (tot / ((n - 1) * (n - 2)))[..., None, None]
+    Cu = Cu - torch.diag_embed(Cu.diagonal(dim1=-2, dim2=-1))
+    return Cu, t
+
+
+def rbf_from_linear(K: torch.Tensor, sigma: float | None, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RBF Gram ``exp(-||xi - xj||^2 / (2 sigma^2))`` from the linear Gram of shifted features.
+
+    ``sigma=None`` uses the median heuristic of Kornblith et al. 2019: ``sigma^2`` = median of all
+    n^2 squared distances. Returns (K_rbf, sigma) with sigma detached.
+    """
+    a = K.diagonal()
+    D = (a.unsqueeze(1) + a.unsqueeze(0) - 2.0 * K).clamp_min(0.0)
+    D = D - torch.diag_embed(D.diagonal())
+    if sigma is None:
+        sig2 = D.detach().median()
+    else:
+        sig2 = torch.full((), float(sigma) ** 2, dtype=K.dtype, device=K.device)
+    # A degenerate layer (or all-equal rows) has no scale: use 1 so nothing divides by zero.
+    sig2 = torch.where(ok & (sig2 > 0), sig2, torch.ones_like(sig2))
+    return torch.exp(-D / (2.0 * sig2)), sig2.sqrt()
+
+
+def layer_gram_stats(
+    x: torch.Tensor, estimator: str, kernel: str = "linear", sigma: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's (C, s, ok, h, sigma). ``x`` is (n, d); C is (n, n) in the accumulation dtype."""
+    n = x.shape[0]
+    N = hsic_norm(n, estimator)
+    Xh = shifted(x)
+    K = Xh @ Xh.T
+    del Xh
+    thr = degenerate_threshold(x)
+    if kernel == "linear":
+        Cu, t = center_gram(K, estimator)
+        # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.
+        ok = ~(t <= thr)
+        sig = torch.ones((), dtype=K.dtype, device=K.device)
+    else:
+        _, t_lin = center_gram(K, "biased")
+        ok = ~(t_lin <= thr)
+        K, sig = rbf_from_linear(K, sigma, ok)
+        Cu, t = center_gram(K, estimator)
+        ok = ok & ~(t <= 0)
+    s = torch.where(ok, t / n, torch.ones_like(t))
+    C = Cu / s
+    h = (C * C).sum() / N
+    ok = ok & ~(h <= 0)
+    return C, s, ok, h, sig
+
+
+def gram_fwd(
+    xs: list[torch.Tensor], estimator: str, kernel: str = "linear", sigma: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,))."""
+    stats = [layer_gram_stats(x, estimator, kernel, sigma) for x in xs]
+    if len(stats) == 1:
+        return tuple(t.unsqueeze(0) for t in stats[0])
+    return tuple(torch.stack(parts) for parts in zip(*stats))
+
+
+# --------------------------------------------------------------------------- pair values
+def block_dots(
+    stacks: list[torch.Tensor], index: list[tuple[int, int]], pairs: list[tuple[int, int]]
+) -> torch.Tensor:
+    """``<C_i, C_j>`` for each pair of global layer indices, from a few GEMMs over views.
+
+    ``stacks`` hold (L_k, n, n) matrices; ``index[g] = (k, l)`` locates global layer g. Pairs are
+    grouped by the stacks they touch and each group is one GEMM over the contiguous index range it
+    spans (views, no gathers), so all pairs cost a handful of GEMMs.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for p, (i, j) in enumerate(pairs):
+        groups.setdefault((index[i][0], index[j][0]), []).append(p)
+    pieces, order = [], []
+    for (ki, kj), ps in groups.items():
+        li = [index[pairs[p][0]][1] for p in ps]
+        lj = [index[pairs[p][1]][1] for p in ps]
+        i0, i1, j0, j1 = min(li), max(li) + 1, min(lj), max(lj) + 1
+        A = stacks[ki][i0:i1].flatten(1)
+        B = stacks[kj][j0:j1].flatten(1)
+        if len(ps) == 1:
+            vals = (A[0] * B[0]).sum().reshape(1)
+        else:
+            M = A @ B.T
+            flat = torch.tensor([(a - i0) * (j1 - j0) + (b - j0) for a, b in zip(li, lj)], device=M.device)
+            vals = M.flatten().index_select(0, flat)
+        pieces.append(vals)
+        order.extend(ps)
+    vals = torch.cat(pieces)
+    if order != list(range(len(pairs))):
+        inv = [0] * len(order)
+        for pos, p in enumerate(order):
+            inv[p] = pos
+        vals = vals.index_select(0, torch.tensor(inv, device=vals.device))
+    return vals
+
+
+def cka_from_hsic(
+    hsic: torch.Tensor, h: torch.Tensor, ok: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor
+) -> torch.Tensor:
+    """CKA epilogue: two separate square roots, exactly 0 for pairs with a degenerate layer."""
+    valid = ok[pi] & ok[pj]
+    one = torch.ones_like(h)
+    root = torch.where(ok, h, one).sqrt()
+    den = root[pi] * root[pj]
+    return torch.where(valid, hsic / den, torch.zeros_like(hsic))
+
+
+def pair_weights(
+    grad: torch.Tensor,
+    cka: torch.Tensor,
+    h: torch.Tensor,
+    ok: torch.Tensor,
+    pi: torch.Tensor,
+    pj: torch.Tensor,
+    N: float,
+) -> torch.Tensor:
+    """The (L, L) matrix W with ``G_a = sum_b W[a, b] C_b`` (DESIGN.md section 2, backward).
+
+    ``alpha_p = g_p / sqrt(h_i h_j)`` goes to W[i, j] and W[j, i]; ``beta = g_p CKA_p / h`` is
+    subtracted on the diagonal of each side. Degenerate pairs are masked (else NaN).
+    """
+    L = h.shape[0]
+    grad = grad.to(h.dtype)
+    valid = ok[pi] & ok[pj]
+    one = torch.ones_like(h)
+    hs = torch.where(ok, h, one)
+    root = hs.sqrt()
+    zero = torch.zeros_like(grad)
+    alpha = torch.where(valid, grad / (root[pi] * root[pj]), zero)
+    bi = torch.where(valid, grad * cka / hs[pi], zero)
+    bj = torch.where(valid, grad * cka / hs[pj], zero)
+    W = torch.zeros(L * L, dtype=h.dtype, device=h.device)
+    W.index_add_(0, pi * L + pj, alpha)
+    W.index_add_(0, pj * L + pi, alpha)
+    W.index_add_(0, pi * (L + 1), -bi)
+    W.index_add_(0, pj * (L + 1), -bj)
+    return W.view(L, L) / N
+
+
+def grad_from_terms(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``dX = (2 / s) (sum_k w_k C_k) X^`` for one layer (G formed explicitly, one n^2 d GEMM)."""
+    G = w[0] * Cs[0]
+    for wk, Ck in zip(w[1:], Cs[1:]):
+        G = G + wk * Ck
+    Xh = shifted(x)
+    return ((2.0 / s) * (G @ Xh)).to(x.dtype)
+
+
+def rbf_grad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """RBF backward ``-(2/sigma^2)(diag((G o K) 1) - G o K) X`` with G = dL/dK, sigma detached."""
+    Xh = shifted(x)
+    K = Xh @ Xh.T
+    a = K.diagonal()
+    D = (a.unsqueeze(1) + a.unsqueeze(0) - 2.0 * K).clamp_min(0.0)
+    D = D - torch.diag_embed(D.diagonal())
+    sig2 = sig * sig
+    Kr = torch.exp(-D / (2.0 * sig2))
+    Wm = (G / s) * Kr
+    Wm = 0.5 * (Wm + Wm.T)
+    out = -(2.0 / sig2) * (Wm.sum(1, keepdim=True) * Xh - Wm @ Xh)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- feature route
+def feature_prep(x: torch.Tensor):
+    """Feature-route statistics of one layer: exactly centred, normalised ``Xb = H X^ / sqrt(s)``.
+
+    Returns (Xb, s, ok, aux) with aux = (row sq. norms a, Xb^T 1, r = K~1, S = 1^T K~ 1), all O(nd);
+    no n x n matrix is formed. ``ok`` is the rounding-level test of DESIGN.md section 3 (the caller
+    adds the self-HSIC test).
+    """
+    n = x.shape[0]
+    Xh = shifted(x)
+    Xc = Xh - Xh.mean(dim=0)
+    del Xh
+    t = Xc.square().sum()
+    ok = ~(t <= degenerate_threshold(x))
+    s = torch.where(ok, t / n, torch.ones_like(t))
+    Xb = Xc / s.sqrt()
+    return Xb, s, ok, feature_aux(Xb)
+
+
+def feature_aux(Xb: torch.Tensor):
+    a = Xb.square().sum(dim=1)
+    u = Xb.sum(dim=0)
+    r = Xb @ u - a
+    S = u.square().sum() - a.sum()
+    return a, u, r, S
+
+
+def feature_hsic(Xb, Yb, ax, ay, estimator: str, XtY: torch.Tensor | None = None) -> torch.Tensor:
+    """HSIC of two normalised feature matrices, matching ``<C_x, C_y> / N`` of the Gram route."""
+    n = Xb.shape[0]
+    N = hsic_norm(n, estimator)
+    if XtY is None:
+        XtY = Xb.T @ Yb
+    if estimator == "biased":
+        # Exactly centred features: H K H = K, so <C_x, C_y> = ||X^T Y||_F^2.
+        return XtY.square().sum() / N
+    a, _, rK, SK = ax
+    b, _, rL, SL = ay
+    trKL = XtY.square().sum() - a @ b
+    val = trKL + SK * SL / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rK @ rL)
+    return val / N
+
+
+def feature_apply(Yb, ay, Z, estimator: str) -> torch.Tensor:
+    """``C_y Z`` for the feature form of ``C_y`` (U(Yb Yb^T) or Yb Yb^T), O(n d_y d_z)."""
+    n = Yb.shape[0]
+    LZ = Yb @ (Yb.T @ Z)
+    if estimator == "biased":
+        return LZ
+    b, _, rL, SL = ay
+    c = SL / ((n - 1) * (n - 2))
+    one_z = Z.sum(dim=0, keepdim=True)  # 1^T Z, (1, d)
+    LtZ = LZ - b.unsqueeze(1) * Z
+    delta = -2.0 * rL / (n - 2) + c
+    return (
+        LtZ
+        - rL.unsqueeze(1) * one_z / (n - 2)
+        - (rL @ Z).unsqueeze(0) / (n - 2)
+        + c * one_z
+        - delta.unsqueeze(1) * Z
+    )
+
+
+def feature_cost(ds: list[int], pairs: list[tuple[int, int]], n: int) -> tuple[float, float]:
+    """Counted flops of the (feature, Gram) routes (DESIGN.md section 2)."""
+    used = sorted({i for p in pairs for i in p})
+    feat = sum(n * ds[i] * ds[j] for i, j in pairs if i != j) + sum(n * ds[i] ** 2 / 2 for i in used)
+    gram = sum(n * n * ds[i] / 2 for i in used) + len(pairs) * n * n
+    return feat, gram
+
+
+__all__ = [
+    "gram_fwd",
+    "layer_gram_stats",
+    "block_dots",
+    "cka_from_hsic",
+    "pair_weights",
+    "grad_from_terms",
+    "rbf_grad",
+    "feature_prep",
+    "feature_hsic",
+    "feature_apply",
+    "feature_cost",
+]
