@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import torch
 
+from ._cpu_blas import shifted_matmul, sym_gram
 from ._utils import acc_dtype, hsic_norm
 
 SHIFT_ROWS = 32
 
 
 # --------------------------------------------------------------------------- per-layer statistics
+def shift_of(x: torch.Tensor) -> torch.Tensor:
+    """The per-column shift ``mean(x[:min(n, 32)])`` in the accumulation dtype, (d,)."""
+    return x[:SHIFT_ROWS].to(acc_dtype(x.dtype)).mean(dim=0)
+
+
 def shifted(x: torch.Tensor) -> torch.Tensor:
     """``X^ = x - mean(x[:min(n, 32)])`` in the accumulation dtype (a new (n, d) tensor)."""
-    acc = acc_dtype(x.dtype)
-    shift = x[:SHIFT_ROWS].to(acc).mean(dim=0)
-    return x.to(acc) - shift
+    return x.to(acc_dtype(x.dtype)) - shift_of(x)
 
 
 def degenerate_threshold(x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +93,8 @@ def layer_gram_stats(
     """One layer's (C, s, ok, h, sigma). ``x`` is (n, d); C is (n, n) in the accumulation dtype."""
     n = x.shape[0]
     N = hsic_norm(n, estimator)
-    Xh = shifted(x)
-    K = Xh @ Xh.T
-    del Xh
+    # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x).
+    K = sym_gram(x, shift_of(x))
     thr = degenerate_threshold(x)
     if kernel == "linear":
         Cu, t = center_gram(K, estimator)
@@ -206,14 +209,13 @@ def grad_from_terms(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s:
     G = w[0] * Cs[0]
     for wk, Ck in zip(w[1:], Cs[1:]):
         G = G + wk * Ck
-    Xh = shifted(x)
-    return ((2.0 / s) * (G @ Xh)).to(x.dtype)
+    return shifted_matmul(G, x, shift_of(x), 2.0 / s, x.dtype)
 
 
 def rbf_grad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
     """RBF backward ``-(2/sigma^2)(diag((G o K) 1) - G o K) X`` with G = dL/dK, sigma detached."""
     Xh = shifted(x)
-    K = Xh @ Xh.T
+    K = sym_gram(x, shift_of(x))
     a = K.diagonal()
     D = (a.unsqueeze(1) + a.unsqueeze(0) - 2.0 * K).clamp_min(0.0)
     D = D - torch.diag_embed(D.diagonal())

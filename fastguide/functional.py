@@ -279,8 +279,10 @@ def _cka_bwd(
     C: torch.Tensor,
     pre_C: torch.Tensor,
     s: torch.Tensor,
-    ok_all: torch.Tensor,
-    h_all: torch.Tensor,
+    ok: torch.Tensor,
+    pre_ok: torch.Tensor,
+    h: torch.Tensor,
+    pre_h: torch.Tensor,
     sig: torch.Tensor,
     pairs: list[int],
     which: list[int],
@@ -295,6 +297,8 @@ def _cka_bwd(
     N = hsic_norm(n, estimator)
     plist = _pair_list(pairs)
     pi, pj = _index(pairs, grad.device)
+    ok_all = torch.cat([ok, pre_ok])
+    h_all = torch.cat([h, pre_h.to(h.dtype)])
     W = tb.pair_weights(grad, cka, h_all, ok_all, pi, pj, N)
     partners = _partners(plist, which)
     L = len(layers)
@@ -326,7 +330,7 @@ def _cka_bwd(
 
 
 @_cka_bwd.register_fake
-def _(grad, cka, layers, C, pre_C, s, ok_all, h_all, sig, pairs, which, estimator, kernel, sigma, route, backend):
+def _(grad, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, sig, pairs, which, estimator, kernel, sigma, route, backend):
     return [torch.empty_like(layers[a]) for a in which]
 
 
@@ -349,18 +353,16 @@ def _setup_context(ctx, inputs, output):
     ctx.which = [a for a, x in enumerate(layers) if x.requires_grad]
     ctx.n_layers = len(layers)
     ctx.args = (pairs, estimator, kernel, sigma, route, backend)
-    ok_all = torch.cat([ok, pre_ok])
-    h_all = torch.cat([h, pre_h.to(h.dtype)])
-    ctx.save_for_backward(cka, C, pre_C, s, ok_all, h_all, sig, *layers)
+    ctx.save_for_backward(cka, C, pre_C, s, ok, pre_ok, h, pre_h, sig, *layers)
 
 
 def _backward(ctx, grad_cka, _gC, _gs, _gok, _gh, _gsig):
-    cka, C, pre_C, s, ok_all, h_all, sig, *layers = ctx.saved_tensors
+    cka, C, pre_C, s, ok, pre_ok, h, pre_h, sig, *layers = ctx.saved_tensors
     grads = [None] * ctx.n_layers
     if ctx.which:
         pairs, estimator, kernel, sigma, route, backend = ctx.args
         gs = _cka_bwd(
-            grad_cka, cka, layers, C, pre_C, s, ok_all, h_all, sig,
+            grad_cka, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, sig,
             pairs, ctx.which, estimator, kernel, sigma, route, backend,
         )
         for a, g in zip(ctx.which, gs):
@@ -492,14 +494,19 @@ def cka_pairs(
             raise ValueError(f"pairs=None pairs xs[k] with ys[k]; got {len(xs2)} xs and {len(ys)} ys")
         pairs = [(k, k) for k in range(len(xs2))]
     plist = _check_pairs(pairs, len(xs2), len(ys))
-    raw_y = [k for k, y in enumerate(ys) if not isinstance(y, LayerStats)]
-    pre_y = [k for k, y in enumerate(ys) if isinstance(y, LayerStats)]
+    # Only layers that appear in a pair are computed (and only they get a gradient).
+    used_x = sorted({i for i, _ in plist})
+    used_y = sorted({j for _, j in plist})
+    raw_y = [k for k in used_y if not isinstance(ys[k], LayerStats)]
+    pre_y = [k for k in used_y if isinstance(ys[k], LayerStats)]
     ys_raw = _prepare([ys[k] for k in raw_y], "ys", tokens) if raw_y else []
-    A, B = len(xs2), len(ys_raw)
-    where = {k: A + r for r, k in enumerate(raw_y)}
-    where.update({k: A + B + r for r, k in enumerate(pre_y)})
-    glob = [(i, where[j]) for i, j in plist]
-    return _run(xs2 + ys_raw, [ys[k] for k in pre_y], glob, estimator, kernel, sigma, backend, route)
+    A, B = len(used_x), len(ys_raw)
+    where_x = {k: r for r, k in enumerate(used_x)}
+    where_y = {k: A + r for r, k in enumerate(raw_y)}
+    where_y.update({k: A + B + r for r, k in enumerate(pre_y)})
+    glob = [(where_x[i], where_y[j]) for i, j in plist]
+    layers = [xs2[k] for k in used_x] + ys_raw
+    return _run(layers, [ys[k] for k in pre_y], glob, estimator, kernel, sigma, backend, route)
 
 
 def cka_matrix(

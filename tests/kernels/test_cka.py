@@ -1,0 +1,127 @@
+"""fastguide.kernels.cka: hsic_matrix / hsic_pairs against torch, and CKA end to end vs the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CKA_ATOL, assert_close_verbose
+
+from fastguide import _reference as ref
+from fastguide.kernels import gram_fwd, hsic_matrix, hsic_pairs
+
+RTOL = {torch.float64: 1e-13, torch.float32: 2e-6}
+
+
+def _stack(L: int, n: int, dtype, layout: str, dev) -> torch.Tensor:
+    if layout == "contig":
+        return torch.randn(L, n, n, dtype=dtype, device=dev)
+    if layout == "transposed":  # (L, n, n) view with swapped last two strides
+        return torch.randn(L, n, n, dtype=dtype, device=dev).transpose(1, 2)
+    if layout == "layers-last":
+        return torch.randn(n, n, L, dtype=dtype, device=dev).permute(2, 0, 1)
+    raise ValueError(layout)
+
+
+def _rel_check(actual, expected, dtype, what):
+    scale = expected.abs().max().item()
+    assert_close_verbose(actual, expected, RTOL[dtype] * max(scale, 1e-30), what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "La,Lb,n,la,lb",
+    [
+        pytest.param(1, 1, 4, "contig", "contig", id="1x1-n4"),
+        pytest.param(3, 5, 37, "contig", "layers-last", id="3x5-n37-strided"),
+        pytest.param(17, 2, 9, "transposed", "contig", id="17x2-n9-transposed"),
+    ],
+)
+def test_hsic_matrix(La, Lb, n, la, lb, dtype, dev, highest_precision):
+    A = _stack(La, n, dtype, la, dev)
+    B = _stack(Lb, n, dtype, lb, dev)
+    out = hsic_matrix(A, B)
+    assert out.shape == (La, Lb) and out.dtype == dtype
+    expected = A.reshape(La, -1).double() @ B.reshape(Lb, -1).double().T
+    _rel_check(out, expected, dtype, "hsic_matrix")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_hsic_pairs(dtype, dev):
+    A = _stack(4, 23, dtype, "contig", dev)
+    B = _stack(3, 23, dtype, "transposed", dev)
+    pi = torch.tensor([0, 3, 3, 1, 2], device=dev)
+    pj = torch.tensor([2, 0, 1, 1, 2], device=dev)
+    out = hsic_pairs(A, B, pi, pj)
+    full = A.reshape(4, -1).double() @ B.reshape(3, -1).double().T
+    _rel_check(out, full[pi, pj], dtype, "hsic_pairs")
+    # Self pairs of one stack (what the loss uses for the self terms).
+    same = hsic_pairs(A, A, torch.arange(4, device=dev), torch.arange(4, device=dev))
+    _rel_check(same, (A.double() ** 2).sum((1, 2)), dtype, "hsic_pairs self")
+
+
+def test_hsic_pairs_out_of_range_is_zero(dev):
+    A = torch.randn(2, 5, 5, device=dev)
+    out = hsic_pairs(A, A, torch.tensor([0, 2, -1], device=dev), torch.tensor([1, 0, 0], device=dev))
+    assert out[1].item() == 0.0 and out[2].item() == 0.0
+    assert torch.isclose(out[0], (A[0] * A[1]).sum(), rtol=1e-5)
+
+
+def test_hsic_pairs_empty_and_bad_input(dev):
+    A = torch.randn(2, 5, 5, device=dev)
+    idx = torch.zeros(0, dtype=torch.int64, device=dev)
+    assert hsic_pairs(A, A, idx, idx).shape == (0,)
+    with pytest.raises(ValueError, match="same n"):
+        hsic_matrix(A, torch.randn(2, 4, 4, device=dev))
+    with pytest.raises(TypeError, match="one dtype"):
+        hsic_matrix(A, A.double())
+    with pytest.raises(ValueError, match=r"\(L, n, n\)"):
+        hsic_matrix(A[0], A)
+    with pytest.raises(TypeError, match="integer"):
+        hsic_pairs(A, A, torch.zeros(1, device=dev), torch.zeros(1, device=dev))
+
+
+def _cka_from(C, h, ok, pi, pj, n, estimator):
+    """The caller's epilogue (torch backend's cka_from_hsic), kept local to test the launchers."""
+    N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
+    hs = hsic_pairs(C, C, pi, pj) / N
+    root = torch.where(ok, h, torch.ones_like(h)).sqrt()
+    return torch.where(ok[pi] & ok[pj], hs / (root[pi] * root[pj]), torch.zeros_like(hs))
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cka_end_to_end_vs_reference(estimator, dtype, dev, highest_precision):
+    """gram_fwd + hsic_pairs/hsic_matrix give the oracle's CKA (incl. a degenerate layer -> 0)."""
+    n = 13
+    base = torch.randn(n, 6, dtype=dtype, device=dev)
+    xs = [
+        base,
+        base @ torch.randn(6, 9, dtype=dtype, device=dev) + 0.3 * torch.randn(n, 9, dtype=dtype, device=dev),
+        torch.randn(11, n, dtype=dtype, device=dev).T * 1e3 + 50.0,
+        torch.full((n, 4), 7.0, dtype=dtype, device=dev),
+    ]
+    C, s, ok, h, _ = gram_fwd(xs, estimator)
+    L = len(xs)
+    pi = torch.arange(L, device=dev).repeat_interleave(L)
+    pj = torch.arange(L, device=dev).repeat(L)
+    got = _cka_from(C, h, ok, pi, pj, n, estimator).view(L, L)
+    expected = ref.cka_matrix(xs, estimator=estimator)
+    assert_close_verbose(got, expected, CKA_ATOL[dtype], f"CKA {estimator}")
+    # All pairs through the GEMM kernel agree with the pair kernel.
+    N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
+    M = hsic_matrix(C, C) / N
+    assert_close_verbose(M.flatten(), hsic_pairs(C, C, pi, pj) / N, 1e-5 * M.abs().max().item(), "matrix vs pairs")
+
+
+@pytest.mark.gpu
+def test_hsic_gpu_large(highest_precision):
+    A = torch.randn(24, 512, 512, device="cuda")
+    B = torch.randn(70, 512, 512, device="cuda")[::3]
+    out = hsic_matrix(A, B)
+    expected = A.reshape(24, -1).double() @ B.reshape(B.shape[0], -1).double().T
+    assert_close_verbose(out, expected, 2e-6 * expected.abs().max().item(), "hsic_matrix gpu")
+    pi = torch.randint(0, 24, (50,), device="cuda")
+    pj = torch.randint(0, B.shape[0], (50,), device="cuda")
+    assert_close_verbose(hsic_pairs(A, B, pi, pj), expected[pi, pj], 2e-6 * expected.abs().max().item(), "pairs")
+    # Deterministic (per-program partials, no atomics).
+    assert torch.equal(hsic_matrix(A, B), out)
