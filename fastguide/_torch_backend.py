@@ -45,28 +45,30 @@ def degenerate_threshold(x: torch.Tensor) -> torch.Tensor:
     return (4.0 * eps) ** 2 * sq
 
 
-def center_gram(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre a Gram in place-free fashion. Returns (centred, tr(HKH)).
+def center_gram_(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre a stack of Grams (..., n, n) IN PLACE (the caller owns K). Returns (K, tr(HKH)).
 
-    Biased: ``H K H`` by subtracting row/column means and adding the grand mean.
-    Unbiased: Szekely-Rizzo U-centring of ``K~`` (K with zeroed diagonal): zero diagonal, zero
-    row sums.
+    Biased: ``H K H`` by subtracting row/column means and adding the grand mean (never forming H).
+    Unbiased: Szekely-Rizzo U-centring of ``K~`` (K with zeroed diagonal): zero diagonal, zero row
+    sums. In place and batched over layers, so the n x n work is a handful of passes over one
+    buffer and a handful of kernel launches however many layers there are.
     """
     n = K.shape[-1]
     diag = K.diagonal(dim1=-2, dim2=-1)
     if estimator == "biased":
         m = K.mean(dim=-1)
         g = m.mean(dim=-1)
-        Cu = K - m.unsqueeze(-1) - m.unsqueeze(-2) + g[..., None, None]
-        return Cu, Cu.diagonal(dim1=-2, dim2=-1).sum(-1)
+        K.sub_(m.unsqueeze(-1)).sub_(m.unsqueeze(-2)).add_(g[..., None, None])
+        return K, diag.sum(-1)
     tr = diag.sum(-1)
-    Kt = K - torch.diag_embed(diag)
-    r = Kt.sum(dim=-1)
+    diag.zero_()
+    r = K.sum(dim=-1)
     tot = r.sum(dim=-1)
     t = tr - (tot + tr) / n
-    Cu = Kt - (r.unsqueeze(-1) + r.unsqueeze(-2)) / (n - 2) + (tot / ((n - 1) * (n - 2)))[..., None, None]
-    Cu = Cu - torch.diag_embed(Cu.diagonal(dim1=-2, dim2=-1))
-    return Cu, t
+    r = r / (n - 2)
+    K.sub_(r.unsqueeze(-1)).sub_(r.unsqueeze(-2)).add_((tot / ((n - 1) * (n - 2)))[..., None, None])
+    diag.zero_()
+    return K, t
 
 
 def rbf_from_linear(K: torch.Tensor, sigma: float | None, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,41 +89,44 @@ def rbf_from_linear(K: torch.Tensor, sigma: float | None, ok: torch.Tensor) -> t
     return torch.exp(-D / (2.0 * sig2)), sig2.sqrt()
 
 
-def layer_gram_stats(
-    x: torch.Tensor, estimator: str, kernel: str = "linear", sigma: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's (C, s, ok, h, sigma). ``x`` is (n, d); C is (n, n) in the accumulation dtype."""
-    n = x.shape[0]
-    N = hsic_norm(n, estimator)
-    # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x).
-    K = sym_gram(x, shift_of(x))
-    thr = degenerate_threshold(x)
-    if kernel == "linear":
-        Cu, t = center_gram(K, estimator)
-        # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.
-        ok = ~(t <= thr)
-        sig = torch.ones((), dtype=K.dtype, device=K.device)
-    else:
-        _, t_lin = center_gram(K, "biased")
-        ok = ~(t_lin <= thr)
-        K, sig = rbf_from_linear(K, sigma, ok)
-        Cu, t = center_gram(K, estimator)
-        ok = ok & ~(t <= 0)
-    s = torch.where(ok, t / n, torch.ones_like(t))
-    C = Cu / s
-    h = (C * C).sum() / N
-    ok = ok & ~(h <= 0)
-    return C, s, ok, h, sig
-
-
 def gram_fwd(
     xs: list[torch.Tensor], estimator: str, kernel: str = "linear", sigma: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,))."""
-    stats = [layer_gram_stats(x, estimator, kernel, sigma) for x in xs]
-    if len(stats) == 1:
-        return tuple(t.unsqueeze(0) for t in stats[0])
-    return tuple(torch.stack(parts) for parts in zip(*stats))
+    """Per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,)).
+
+    One Gram per layer (symmetric product, written into its slot of the stack), then centring,
+    normalisation and self-HSICs batched over the whole stack.
+    """
+    n = xs[0].shape[0]
+    N = hsic_norm(n, estimator)
+    dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    dev = xs[0].device
+    C = torch.empty((len(xs), n, n), dtype=dt, device=dev)
+    for l, x in enumerate(xs):
+        # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x).
+        C[l].copy_(sym_gram(x, shift_of(x)))
+    thr = torch.stack([degenerate_threshold(x).to(dt) for x in xs])
+    if kernel == "linear":
+        C, t = center_gram_(C, estimator)
+        # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.
+        ok = ~(t <= thr)
+        sig = torch.ones_like(t)
+    else:
+        t_lin = C.diagonal(dim1=-2, dim2=-1).sum(-1) - C.sum(dim=(-2, -1)) / n  # tr(HKH), linear
+        ok = ~(t_lin <= thr)
+        sigs = []
+        for l in range(len(xs)):
+            Kr, sg = rbf_from_linear(C[l], sigma, ok[l])
+            C[l].copy_(Kr)
+            sigs.append(sg)
+        sig = torch.stack(sigs)
+        C, t = center_gram_(C, estimator)
+        ok = ok & ~(t <= 0)
+    s = torch.where(ok, t / n, torch.ones_like(t))
+    C.div_(s[:, None, None])
+    h = torch.linalg.vector_norm(C.flatten(1), dim=1).square() / N
+    ok = ok & ~(h <= 0)
+    return C, s, ok, h, sig
 
 
 # --------------------------------------------------------------------------- pair values
@@ -300,7 +305,6 @@ def feature_cost(ds: list[int], pairs: list[tuple[int, int]], n: int) -> tuple[f
 
 __all__ = [
     "gram_fwd",
-    "layer_gram_stats",
     "block_dots",
     "cka_from_hsic",
     "pair_weights",
