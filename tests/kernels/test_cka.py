@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastguide.kernels import cka_matrix, cka_pairs, gram_fwd, hsic_matrix, hsic_pairs
 from helpers import CKA_ATOL, assert_close_verbose
 
 from fastguide import _reference as ref
-from fastguide.kernels import gram_fwd, hsic_matrix, hsic_pairs
 
 RTOL = {torch.float64: 1e-13, torch.float32: 2e-6}
 
@@ -107,10 +107,44 @@ def test_cka_end_to_end_vs_reference(estimator, dtype, dev, highest_precision):
     got = _cka_from(C, h, ok, pi, pj, n, estimator).view(L, L)
     expected = ref.cka_matrix(xs, estimator=estimator)
     assert_close_verbose(got, expected, CKA_ATOL[dtype], f"CKA {estimator}")
+    # The fused epilogues give the same CKA (and HSIC = <C_a, C_b> / N).
+    fused, hs = cka_pairs(C, C, h, h, ok, ok, pi, pj, estimator)
+    assert_close_verbose(fused.view(L, L), expected, CKA_ATOL[dtype], f"cka_pairs {estimator}")
+    fused_m, hs_m = cka_matrix(C, C, h, h, ok, ok, estimator)
+    assert_close_verbose(fused_m, expected, CKA_ATOL[dtype], f"cka_matrix {estimator}")
+    assert_close_verbose(hs_m.flatten(), hs, 1e-5 * hs.abs().max().item(), "hsic of cka_matrix vs cka_pairs")
+    assert fused_m[3].eq(0).all() and fused_m[:, 3].eq(0).all()  # degenerate layer: exactly 0
     # All pairs through the GEMM kernel agree with the pair kernel.
     N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
     M = hsic_matrix(C, C) / N
-    assert_close_verbose(M.flatten(), hsic_pairs(C, C, pi, pj) / N, 1e-5 * M.abs().max().item(), "matrix vs pairs")
+    assert_close_verbose(
+        M.flatten(), hsic_pairs(C, C, pi, pj) / N, 1e-5 * M.abs().max().item(), "matrix vs pairs"
+    )
+
+
+def test_cka_pairs_two_stacks_vs_torch_epilogue(dev, highest_precision):
+    """Target/guide stacks of different sizes, as the loss uses them; matches cka_from_hsic."""
+    from fastguide import _torch_backend as tb
+
+    n = 11
+    xt = [torch.randn(n, 5, device=dev), torch.zeros(n, 2, device=dev), torch.randn(n, 8, device=dev)]
+    xg = [torch.randn(n, 3, device=dev), torch.randn(7, n, device=dev).T]
+    Ct, _, okt, ht, _ = gram_fwd(xt, "unbiased")
+    Cg, _, okg, hg, _ = gram_fwd(xg, "unbiased")
+    pi = torch.tensor([0, 1, 2, 2], device=dev)
+    pj = torch.tensor([1, 0, 0, 1], device=dev)
+    cka, hs = cka_pairs(Ct, Cg, ht, hg, okt, okg, pi, pj, "unbiased")
+    hs_ref = hsic_pairs(Ct, Cg, pi, pj) / (n * (n - 3))
+    # The torch epilogue on one concatenated layer list (global indices).
+    h_all, ok_all = torch.cat([ht, hg]), torch.cat([okt, okg])
+    ref_cka = tb.cka_from_hsic(hs_ref, h_all, ok_all, pi, pj + 3)
+    assert_close_verbose(hs, hs_ref, 1e-6 * hs_ref.abs().max().item(), "hsic")
+    assert_close_verbose(cka, ref_cka, 1e-6, "cka vs cka_from_hsic")
+    assert cka[1].item() == 0.0  # layer 1 of the target side is all-zero
+    empty = torch.zeros(0, dtype=torch.int64, device=dev)
+    assert cka_pairs(Ct, Cg, ht, hg, okt, okg, empty, empty, "unbiased")[0].shape == (0,)
+    with pytest.raises(ValueError, match="h_b"):
+        cka_pairs(Ct, Cg, ht, ht, okt, okt, pi, pj, "unbiased")
 
 
 @pytest.mark.gpu
@@ -122,6 +156,8 @@ def test_hsic_gpu_large(highest_precision):
     assert_close_verbose(out, expected, 2e-6 * expected.abs().max().item(), "hsic_matrix gpu")
     pi = torch.randint(0, 24, (50,), device="cuda")
     pj = torch.randint(0, B.shape[0], (50,), device="cuda")
-    assert_close_verbose(hsic_pairs(A, B, pi, pj), expected[pi, pj], 2e-6 * expected.abs().max().item(), "pairs")
+    assert_close_verbose(
+        hsic_pairs(A, B, pi, pj), expected[pi, pj], 2e-6 * expected.abs().max().item(), "pairs"
+    )
     # Deterministic (per-program partials, no atomics).
     assert torch.equal(hsic_matrix(A, B), out)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastguide.kernels import _configs
+from fastguide.kernels.gram import _gram_fwd_kernel, gram_fwd
 from helpers import assert_close_verbose
 from kernel_oracle import device, oracle_stats
 
 from fastguide import _torch_backend as tb
-from fastguide.kernels import _configs
-from fastguide.kernels.gram import _gram_fwd_kernel, gram_fwd
 
 ESTIMATORS = ["unbiased", "biased"]
 # Relative tolerance (to the largest magnitude) of C, s, h per input dtype.
@@ -88,6 +88,18 @@ def test_gram_fwd_fp16(dev):
     for l in range(2):
         assert_close_verbose(C[l], Ct[l], 1e-2 * Ct[l].abs().max().item(), f"C[{l}] fp16")
         assert_close_verbose(h[l], ht[l], 1e-2 * ht[l].item(), f"h[{l}] fp16")
+
+
+def test_gram_fwd_bf16_inputs(dev):
+    """bf16 inputs: fp32 accumulation (under the interpreter the dot itself stays fp32)."""
+    xs = [_layer(21, 24, torch.bfloat16, "contig", dev), _layer(21, 9, torch.bfloat16, "transposed", dev)]
+    C, s, ok, h, _ = gram_fwd(xs, "biased")
+    Ct, st, okt, ht, _ = tb.gram_fwd(xs, "biased")
+    assert torch.equal(ok.cpu(), okt.cpu()) and C.dtype == torch.float32
+    tol = 1e-5 if dev.type == "cpu" else 1e-2
+    for l in range(2):
+        assert_close_verbose(C[l], Ct[l], tol * Ct[l].abs().max().item(), f"C[{l}] bf16")
+        assert_close_verbose(h[l], ht[l], tol * ht[l].item(), f"h[{l}] bf16")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -178,20 +190,42 @@ def test_autotune_reduced_to_one_config():
     assert len(_configs.gram_fwd_configs()) == 1
 
 
+def test_split_heuristic(monkeypatch):
+    """W1-like shapes: a lone conv-sized guide layer is split, FCN-sized target layers are not."""
+    import fastguide.kernels.gram as gram_mod
+
+    monkeypatch.setattr(gram_mod, "gram_split_target", lambda: 264)
+    # n = 256, BLOCK_M = 128: 3 upper tiles per layer.
+    assert gram_mod._splits([200704], 3, 64, None, 256, 4) == [49]
+    assert gram_mod._splits([200704], 3, 64, None, 256, 2) == [24]
+    assert gram_mod._splits([4096] * 8, 3, 64, None, 256, 4) == [1] * 8
+    # Enough tiles already: no split.
+    assert gram_mod._splits([1024] * 24, 528, 64, None, 4096, 4) == [1] * 24
+    # Forced splits are capped by the number of BLOCK_K granules.
+    assert gram_mod._splits([70, 33], 1, 32, 3, 20, 4) == [3, 2]
+    with pytest.raises(ValueError, match="split"):
+        gram_mod._splits([70], 1, 32, 0, 20, 4)
+
+
 # --------------------------------------------------------------------------- GPU-only checks
 @pytest.mark.gpu
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_gram_fwd_gpu_large(estimator, highest_precision):
     """Large shapes (multi-tile, automatic feature split) at IEEE fp32 against the torch backend."""
-    xs = [torch.randn(300, 5000, device="cuda"), torch.randn(4000, 300, device="cuda").T + 3.0,
-          torch.randn(300, 129, device="cuda")]
+    xs = [
+        torch.randn(300, 5000, device="cuda"),
+        torch.randn(4000, 300, device="cuda").T + 3.0,
+        torch.randn(300, 129, device="cuda"),
+    ]
     _check(xs, estimator, gram_fwd(xs, estimator), 1e-5, against_torch=True)
 
 
 @pytest.mark.gpu
 def test_gram_fwd_gpu_bf16_fp16():
-    xs = [torch.randn(256, 3000, device="cuda", dtype=torch.bfloat16),
-          torch.randn(256, 700, device="cuda", dtype=torch.float16)]
+    xs = [
+        torch.randn(256, 3000, device="cuda", dtype=torch.bfloat16),
+        torch.randn(256, 700, device="cuda", dtype=torch.float16),
+    ]
     C, s, ok, h, _ = gram_fwd(xs, "unbiased")
     Ct, st, okt, ht, _ = tb.gram_fwd([x.float() for x in xs], "unbiased")
     assert torch.equal(ok, okt)
@@ -218,7 +252,7 @@ def test_gram_fwd_gpu_deterministic(highest_precision):
     xs = [torch.randn(256, 20000, device="cuda"), torch.randn(256, 100, device="cuda")]
     a = gram_fwd(xs, "unbiased")
     b = gram_fwd(xs, "unbiased")
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
 
 

@@ -1,0 +1,584 @@
+"""Fused centred Gram matrices of many layers: shift on load, symmetric tiles, centring epilogue.
+
+Per layer ``x`` of shape (n, d) (DESIGN.md section 2, same algorithm as
+``fastguide._torch_backend.layer_gram_stats``):
+
+* ``X^ = x - shift`` with ``shift`` the mean of the first ``min(n, 32)`` rows (subtracted on load);
+* ``K = X^ X^T`` (upper-triangle tiles only; fp32 accumulate, fp64 for fp64 inputs);
+* row sums ``r = K 1``, diagonal ``a = diag K``, ``tr = 1'a``, ``tot = 1'r``;
+* ``t = tr(HKH) = tr - tot / n``; ``thr = (4 eps)^2 ||x||_F^2`` (raw input, summed while loading);
+  ``ok = ~(t <= thr)``; ``s = where(ok, t / n, 1)``;
+* biased ``C = (K - m 1' - 1 m' + g) / s`` with ``m = r / n``, ``g = tot / n^2`` (= H K H / s);
+  unbiased ``C = U(K) / s``: with ``r~ = r - a``, ``tot~ = tot - tr``,
+  ``U_ij = K_ij - (r~_i + r~_j) / (n - 2) + tot~ / ((n - 1)(n - 2))`` off the diagonal, 0 on it;
+* ``h = <C, C>_F / N`` (N = n(n-3) unbiased, (n-1)^2 biased); ``ok &= ~(h <= 0)``.
+
+Three passes, each one launch for all layers (the first one launch per dtype/contiguity group),
+plus a one-program-per-layer finish (h, final ok, sig):
+
+1. ``_gram_fwd_kernel``: one program per (layer, upper tile (ti, tj), feature split). Reads its
+   rows of x once per tile (shift on load), writes the upper tile of K (split partials to a side
+   buffer) and, in the epilogue, the tile's row sums and column sums (symmetry), diagonal and the
+   raw-norm threshold partial -- O(n) values per tile, so no later pass re-reads K for them.
+2. ``_gram_rowsum_kernel``: one program per (row block, layer); sums those partials into r, a and
+   per-block partials of tr and tot (reads O(S * T * n) values, not n^2).
+3. ``_gram_center_kernel``: one program per (upper tile, layer); t, ok, s from the partials, then
+   sums the split partials of the tile, centres it, divides by s and writes C in place of K, tile
+   and mirror, plus the tile's share of <C, C>.
+
+K traffic: written once (upper half), read once (upper half), C written once (full).
+No host synchronisation: every table is built from shapes, strides and data pointers and cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    SHIFT_ROWS,
+    _column_shift,
+    acc_dtype,
+    check_float,
+    device_table,
+    input_precision,
+    on_input_device,
+    pow2_bucket,
+    tl_dtype,
+)
+from ._configs import (
+    GRAM_MIN_CHUNK,
+    gram_block_m,
+    gram_center_warps,
+    gram_fwd_configs,
+    gram_rowsum_block,
+    gram_split_target,
+    interpreting,
+)
+
+# Columns of the per-program table of _gram_fwd_kernel.
+_PROG_COLS = 8  # local layer, global layer, ti, tj, k0, k1, ext slot (-1: main), split id
+# Columns of the per-layer table of the epilogue passes.
+_LAYER_COLS = 3  # first extra slot, number of splits, first split id
+
+
+@triton.autotune(configs=gram_fwd_configs(), key=["N_BUCKET", "D_BUCKET"])
+@triton.jit(do_not_specialize=["n", "n_shift", "num_tiles", "thr_coef"])
+def _gram_fwd_kernel(
+    k_ptr,
+    kx_ptr,
+    rp_ptr,
+    dp_ptr,
+    thr_ptr,
+    x_ref_ptr,
+    xp_ptr,
+    xs_ptr,
+    prog_ptr,
+    stride_xm_ref,
+    stride_xk_ref,
+    n,
+    n_shift,
+    num_tiles,
+    thr_coef,
+    N_BUCKET,
+    D_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SHIFT_ROWS: tl.constexpr,
+    X_UNIT_K: tl.constexpr,
+    DIRECT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_LOW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Partial Gram tiles ``K_s[l, I, J] = sum_{k in split s} X^[I, k] X^[J, k]`` (upper tiles only)
+    of a layer group, with the epilogue statistics the centring needs.
+
+    Pointers:
+      k_ptr: (L, n, n) main Gram buffer: split 0 of every layer, upper tiles (ti <= tj) only;
+        the centring pass completes the lower triangle.
+      kx_ptr: (S_x, n, n) upper tiles of the extra split partials (k_ptr itself when none).
+      rp_ptr: (slots, num_tiles, n) row-sum partials: rp[slot, c, i] = sum_{j in column block c}
+        K_s[i, j]; tile (ti, tj) writes its row sums at c = tj and, off the diagonal, its column
+        sums at c = ti (symmetry), so every entry is written exactly once.
+      dp_ptr: (slots, n) diagonal partials (diagonal tiles).
+      thr_ptr: (slots, num_tiles) threshold partials ``(4 eps)^2 sum x^2`` of the raw input over the
+        rows of tile ti and the split's features (diagonal tiles).
+      x_ref_ptr: the group's first layer, (n, d_0) with strides (stride_xm_ref, stride_xk_ref); with
+        DIRECT (a one-layer group, e.g. a guide hook) it is the input itself, so strides and
+        alignment specialise; otherwise only its element type is used (the pointer witness).
+      xp_ptr: (G,) int64 data pointers of the group's layers, each an (n, d_g) matrix.
+      xs_ptr: (G, 2) int64 strides (row, feature) of those layers.
+      prog_ptr: (P, 8) int32 program table: local layer, global layer, ti, tj (ti <= tj), feature
+        range [k0, k1), extra slot (-1: k_ptr), slot (split id: row of rp/dp/thr).
+    Grid: (P,), one program per (layer, upper-triangle tile, feature split).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = prog_ptr + pid * 8
+    layer = tl.load(row + 0).to(tl.int64)
+    glayer = tl.load(row + 1).to(tl.int64)
+    ti = tl.load(row + 2).to(tl.int64)
+    tj = tl.load(row + 3).to(tl.int64)
+    k0 = tl.load(row + 4)
+    k1 = tl.load(row + 5)
+    ext = tl.load(row + 6).to(tl.int64)
+    slot = tl.load(row + 7).to(tl.int64)
+
+    if DIRECT:
+        x_ptr = x_ref_ptr
+        stride_xm = stride_xm_ref
+        stride_xk = stride_xk_ref
+    else:
+        x_ptr = tl.load(xp_ptr + layer).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
+        stride_xm = tl.load(xs_ptr + layer * 2)
+        stride_xk = tl.load(xs_ptr + layer * 2 + 1)
+
+    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_j = tj * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_i = offs_i < n
+    mask_j = offs_j < n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC)
+    acc_sq = tl.zeros((BLOCK_M,), dtype=ACC)
+    for k in range(k0, k1, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < k1
+        if X_UNIT_K:
+            col = offs_k
+        else:
+            col = offs_k * stride_xk
+        shift = _column_shift(x_ptr, col, mask_k, stride_xm, n_shift, SHIFT_ROWS, ACC)  # (BLOCK_K,)
+        mask_a = mask_i[:, None] & mask_k[None, :]
+        a = tl.load(x_ptr + offs_i[:, None] * stride_xm + col[None, :], mask=mask_a, other=0.0).to(ACC)
+        acc_sq += tl.sum(a * a, axis=1)
+        # Shift on load; masked lanes must stay exactly 0 (else -shift leaks into K).
+        a = tl.where(mask_a, a - shift[None, :], 0.0)  # (BLOCK_M, BLOCK_K)
+        mask_b = mask_j[:, None] & mask_k[None, :]
+        b = tl.load(x_ptr + offs_j[:, None] * stride_xm + col[None, :], mask=mask_b, other=0.0).to(ACC)
+        b = tl.where(mask_b, b - shift[None, :], 0.0)  # (BLOCK_M, BLOCK_K)
+        if DOT_LOW:
+            # 16-bit operands on the tensor cores, fp32 accumulation.
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), acc, out_dtype=ACC)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+
+    # Masked rows/columns of acc are exactly 0 (zeroed operands), so the sums below are exact.
+    # (The `!= 0` keeps masks boolean: the 3.9 interpreter turns `block & scalar` into int32.)
+    nn = n.to(tl.int64) * n
+    mask_ij = mask_i[:, None] & mask_j[None, :]
+    off_ij = offs_i[:, None] * n + offs_j[None, :]
+    tl.store(k_ptr + glayer * nn + off_ij, acc, mask=(mask_ij & (ext < 0)) != 0)
+    tl.store(kx_ptr + tl.maximum(ext, 0) * nn + off_ij, acc, mask=(mask_ij & (ext >= 0)) != 0)
+    rp = rp_ptr + slot * num_tiles * n
+    tl.store(rp + tj * n + offs_i, tl.sum(acc, axis=1), mask=mask_i)
+    tl.store(rp + ti * n + offs_j, tl.sum(acc, axis=0), mask=(mask_j & (ti != tj)) != 0)
+    diag = tl.sum(tl.where(offs_i[:, None] == offs_j[None, :], acc, 0.0), axis=1)
+    tl.store(dp_ptr + slot * n + offs_i, diag, mask=(mask_i & (ti == tj)) != 0)
+    tl.store(thr_ptr + slot * num_tiles + ti, thr_coef * tl.sum(acc_sq, axis=0), mask=ti == tj)
+
+
+@triton.jit(do_not_specialize=["n", "num_rblocks", "num_tiles"])
+def _gram_rowsum_kernel(
+    r_ptr,
+    dg_ptr,
+    tp_ptr,
+    rp_ptr,
+    dp_ptr,
+    lmeta_ptr,
+    n,
+    num_rblocks,
+    num_tiles,
+    BLOCK_R: tl.constexpr,
+):
+    """Row sums and diagonal of each Gram from the epilogue partials of ``_gram_fwd_kernel``.
+
+    Pointers:
+      r_ptr, dg_ptr: (L, n) row sums ``K 1`` and diagonal of K (output).
+      tp_ptr: (L, num_rblocks, 2) per-row-block partials of ``tot = 1'K1`` and ``tr = tr K``.
+      rp_ptr: (slots, num_tiles, n) row-sum partials; dp_ptr: (slots, n) diagonal partials.
+      lmeta_ptr: (L, 3) int32: first extra slot, number of splits S, first slot; the layer's
+        slots are [first, first + S).
+    Grid: (cdiv(n, BLOCK_R), L). Reads S * num_tiles * BLOCK_R values per program (no n x n pass).
+    """
+    pid_r = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    mask_r = offs_r < n
+    nsplit = tl.load(lmeta_ptr + layer * 3 + 1)
+    slot0 = tl.load(lmeta_ptr + layer * 3 + 2).to(tl.int64)
+    acc_r = tl.zeros((BLOCK_R,), dtype=r_ptr.dtype.element_ty)
+    acc_d = tl.zeros((BLOCK_R,), dtype=r_ptr.dtype.element_ty)
+    for sidx in range(0, nsplit):
+        slot = slot0 + sidx
+        for c in range(0, num_tiles):
+            acc_r += tl.load(rp_ptr + (slot * num_tiles + c) * n + offs_r, mask=mask_r, other=0.0)
+        acc_d += tl.load(dp_ptr + slot * n + offs_r, mask=mask_r, other=0.0)
+    tl.store(r_ptr + layer * n + offs_r, acc_r, mask=mask_r)
+    tl.store(dg_ptr + layer * n + offs_r, acc_d, mask=mask_r)
+    tpo = tp_ptr + (layer * num_rblocks + pid_r) * 2
+    tl.store(tpo, tl.sum(acc_r, axis=0))
+    tl.store(tpo + 1, tl.sum(acc_d, axis=0))
+
+
+@triton.jit(do_not_specialize=["n", "num_rblocks", "num_tiles", "num_upper"])
+def _gram_center_kernel(
+    k_ptr,
+    s_ptr,
+    ok_ptr,
+    hp_ptr,
+    kx_ptr,
+    r_ptr,
+    dg_ptr,
+    tp_ptr,
+    thr_ptr,
+    lmeta_ptr,
+    tiles_ptr,
+    n,
+    num_rblocks,
+    num_tiles,
+    num_upper,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_SPLIT: tl.constexpr,
+    UNBIASED: tl.constexpr,
+):
+    """Centre and normalise each Gram in place, ``C = centred(K) / s``, one upper tile at a time.
+
+    Pointers:
+      k_ptr: (L, n, n) upper tiles of K (split 0) on input; the full symmetric C on output.
+      s_ptr: (L,) s = tr(HKH)/n, or 1 for a degenerate layer. ok_ptr: (L,) int8 trace test.
+      hp_ptr: (L, num_upper) partial sums of C*C (off-diagonal tiles counted twice).
+      kx_ptr: (S_x, n, n) upper tiles of the extra split partials, summed in on load.
+      r_ptr, dg_ptr: (L, n) row sums and diagonal of K. tp_ptr: (L, num_rblocks, 2) tot/tr partials.
+      thr_ptr: (slots, num_tiles) threshold partials. lmeta_ptr: (L, 3) int32 per-layer slots.
+      tiles_ptr: (num_upper, 2) int32 upper-triangle tile coordinates (ti <= tj).
+    Grid: (num_upper, L); every program recomputes the layer's scalars t, ok, s from the partials
+    (O(num_rblocks + S * num_tiles) loads), then rewrites tile (ti, tj) and its mirror.
+    """
+    pid_t = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    ACC = k_ptr.dtype.element_ty
+    nn = n.to(tl.int64) * n
+    nf = n.to(ACC)
+
+    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    acc_tot = tl.zeros((BLOCK_T,), dtype=ACC)
+    acc_tr = tl.zeros((BLOCK_T,), dtype=ACC)
+    for t0 in range(0, num_rblocks, BLOCK_T):
+        m = (t0 + offs_t) < num_rblocks
+        tpo = tp_ptr + (layer * num_rblocks + t0 + offs_t) * 2
+        acc_tot += tl.load(tpo, mask=m, other=0.0)
+        acc_tr += tl.load(tpo + 1, mask=m, other=0.0)
+    tot = tl.sum(acc_tot, axis=0)
+    tr = tl.sum(acc_tr, axis=0)
+    ext0 = tl.load(lmeta_ptr + layer * 3).to(tl.int64)
+    nsplit = tl.load(lmeta_ptr + layer * 3 + 1)
+    slot0 = tl.load(lmeta_ptr + layer * 3 + 2).to(tl.int64)
+    acc_thr = tl.zeros((BLOCK_T,), dtype=ACC)
+    total = nsplit * num_tiles
+    for t0 in range(0, total, BLOCK_T):
+        m = (t0 + offs_t) < total
+        acc_thr += tl.load(thr_ptr + slot0 * num_tiles + t0 + offs_t, mask=m, other=0.0)
+    thr = tl.sum(acc_thr, axis=0)
+
+    t = tr - tot / nf
+    # NaN-propagating: a NaN trace keeps ok so the NaN reaches the outputs.
+    ok = tl.where(t <= thr, 0, 1)
+    s = tl.where(ok != 0, t / nf, 1.0)
+    tl.store(s_ptr + layer, s, mask=pid_t == 0)
+    tl.store(ok_ptr + layer, ok.to(tl.int8), mask=pid_t == 0)
+
+    ti = tl.load(tiles_ptr + pid_t * 2).to(tl.int64)
+    tj = tl.load(tiles_ptr + pid_t * 2 + 1).to(tl.int64)
+    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_j = tj * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_i = offs_i < n
+    mask_j = offs_j < n
+    mask = mask_i[:, None] & mask_j[None, :]
+    off_ij = offs_i[:, None] * n + offs_j[None, :]
+    base = k_ptr + layer * nn
+    kt = tl.load(base + off_ij, mask=mask, other=0.0)  # (BLOCK_M, BLOCK_M)
+    if HAS_SPLIT:
+        for sidx in range(0, nsplit - 1):
+            kt += tl.load(kx_ptr + (ext0 + sidx) * nn + off_ij, mask=mask, other=0.0)
+    r_i = tl.load(r_ptr + layer * n + offs_i, mask=mask_i, other=0.0)
+    r_j = tl.load(r_ptr + layer * n + offs_j, mask=mask_j, other=0.0)
+    if UNBIASED:
+        r_i = r_i - tl.load(dg_ptr + layer * n + offs_i, mask=mask_i, other=0.0)
+        r_j = r_j - tl.load(dg_ptr + layer * n + offs_j, mask=mask_j, other=0.0)
+        inv_den = 1.0 / (nf - 2.0)
+        c0 = (tot - tr) / ((nf - 1.0) * (nf - 2.0))
+    else:
+        inv_den = 1.0 / nf
+        c0 = tot / (nf * nf)
+    cu = kt - (r_i[:, None] + r_j[None, :]) * inv_den + c0
+    if UNBIASED:
+        cu = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, cu)
+    cu = tl.where(mask, cu / s, 0.0)
+    tl.store(base + off_ij, cu, mask=mask)
+    # Mirror tile (J, I): C is stored full for the pair and backward kernels.
+    mask_ji = (mask_j[:, None] & mask_i[None, :] & (ti != tj)) != 0
+    tl.store(base + offs_j[:, None] * n + offs_i[None, :], tl.trans(cu), mask=mask_ji)
+    weight = tl.where(ti == tj, 1.0, 2.0)
+    tl.store(hp_ptr + layer * num_upper + pid_t, weight * tl.sum(tl.sum(cu * cu, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["n", "num_upper"])
+def _gram_finish_kernel(
+    h_ptr,
+    ok_ptr,
+    sig_ptr,
+    hp_ptr,
+    ok8_ptr,
+    n,
+    num_upper,
+    BLOCK_U: tl.constexpr,
+    UNBIASED: tl.constexpr,
+):
+    """Self-HSIC and final flags: ``h = sum(hp) / N``, ``ok = ok8 & ~(h <= 0)``, ``sig = 1``.
+
+    Pointers: h_ptr (L,) ACC; ok_ptr (L,) bool; sig_ptr (L,) ACC; hp_ptr (L, num_upper) partials
+    of <C, C> from the centring pass; ok8_ptr (L,) int8 trace test.
+    Grid: (L,). (One launch instead of a handful of tiny torch ops: the W1 loss is launch-bound.)
+    """
+    layer = tl.program_id(0).to(tl.int64)
+    ACC = h_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK_U).to(tl.int64)
+    acc = tl.zeros((BLOCK_U,), dtype=ACC)
+    for u0 in range(0, num_upper, BLOCK_U):
+        acc += tl.load(hp_ptr + layer * num_upper + u0 + offs, mask=(u0 + offs) < num_upper, other=0.0)
+    nf = n.to(ACC)
+    if UNBIASED:
+        N = nf * (nf - 3.0)
+    else:
+        N = (nf - 1.0) * (nf - 1.0)
+    h = tl.sum(acc, axis=0) / N
+    ok = (tl.load(ok8_ptr + layer) != 0) & (tl.where(h <= 0.0, 0, 1) != 0)
+    tl.store(h_ptr + layer, h)
+    tl.store(ok_ptr + layer, ok)
+    tl.store(sig_ptr + layer, nf * 0.0 + 1.0)  # exactly 1 in ACC (n is finite)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand dtype of the Gram dot: 16-bit inputs use the tensor-core dot (fp32 accumulate),
+    except bf16 under the interpreter, whose bf16 dot is wrong (STYLE.md): fp32 there."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreting()):
+        return tl_dtype(dtype)
+    return None
+
+
+def _splits(ds: list[int], tiles: int, granule: int, split, n: int, esize: int) -> list[int]:
+    """Feature-axis splits per layer: enough programs for about two waves, chunks >= GRAM_MIN_CHUNK,
+    and split partials (written and read once, S n^2 acc values) at most ~1/8 of the input bytes."""
+    L = len(ds)
+    if split is not None:
+        want = [split] * L if isinstance(split, int) else list(split)
+        if len(want) != L or any(int(v) < 1 for v in want):
+            raise ValueError(f"split must be a positive int or one per layer; got {split!r}")
+        return [min(int(v), triton.cdiv(d, granule)) for v, d in zip(want, ds, strict=True)]
+    base = L * tiles
+    target = gram_split_target()
+    if base >= target:
+        return [1] * L
+    per = triton.cdiv(target, base)
+    return [max(1, min(per, d // GRAM_MIN_CHUNK, d * esize // (64 * n))) for d in ds]
+
+
+def _program_table(spec, T: int) -> list[int]:
+    """Flat (P, 8) rows of ``_gram_fwd_kernel``'s program table for one layer group.
+
+    spec: per local layer (global index, d, splits, chunk, first extra slot, first slot).
+    Longest feature ranges first (load balance across waves); a (layer, split)'s tiles stay
+    adjacent, so they run together and share the x rows they read through L2.
+    """
+    prog = []
+    for local, (g, d, s_l, chunk, e0, sl0) in enumerate(spec):
+        for sp in range(s_l):
+            k0 = sp * chunk
+            k1 = min(d, k0 + chunk)
+            ext = -1 if sp == 0 else e0 + sp - 1
+            for ti in range(T):
+                for tj in range(ti, T):
+                    prog.append((k1 - k0, (local, g, ti, tj, k0, k1, ext, sl0 + sp)))
+    prog.sort(key=lambda e: -e[0])
+    return [v for _, row in prog for v in row]
+
+
+@on_input_device
+def gram_fwd(
+    xs: list[torch.Tensor],
+    estimator: str,
+    *,
+    block_m: int | None = None,
+    split: int | list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised centred Grams of L layers (linear kernel); the Triton twin of the torch
+    backend's ``gram_fwd``.
+
+    Args:
+      xs: L tensors (n, d_l) with the same n on one device; float16/bfloat16/float32/float64
+        (all float64 or none), any strides.
+      estimator: ``"unbiased"`` (U-centring) or ``"biased"`` (H K H).
+      block_m, split: tuning overrides (tile size; feature-axis splits per layer) for tests and
+        benchmarks; ``None`` picks them from ``kernels/_configs.py``.
+
+    Returns (C, s, ok, h, sig): C (L, n, n) in the accumulation dtype (fp64 for fp64 inputs, else
+    fp32), s (L,), ok (L,) bool, h (L,), sig (L,) ones. Launches: one per (dtype, unit feature
+    stride) group of layers, plus three; no host synchronisation.
+    """
+    if estimator not in ("unbiased", "biased"):
+        raise ValueError(f"estimator must be 'unbiased' or 'biased'; got {estimator!r}")
+    if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+        raise ValueError("xs must be a non-empty list of (n, d) tensors")
+    for i, x in enumerate(xs):
+        check_float(x, f"xs[{i}]")
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"xs[{i}] must be a non-empty 2-D (n, d) tensor; got shape {tuple(x.shape)}")
+    n = xs[0].shape[0]
+    device = xs[0].device
+    acc = acc_dtype(xs[0].dtype)
+    for i, x in enumerate(xs):
+        if x.shape[0] != n:
+            raise ValueError(f"all layers must have the same n; xs[0] has {n}, xs[{i}] has {x.shape[0]}")
+        if x.device != device:
+            raise ValueError(f"all layers must be on one device; xs[0] is on {device}, xs[{i}] on {x.device}")
+        if acc_dtype(x.dtype) != acc:
+            raise TypeError(
+                "xs must be all float64 or all of float16/bfloat16/float32 (one accumulation dtype)"
+            )
+    need = 4 if estimator == "unbiased" else 2
+    if n < need:
+        raise ValueError(f"the {estimator} estimator needs n >= {need}; got n={n}")
+
+    L = len(xs)
+    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m must be a power of two >= 16; got {block_m}")
+    BM = block_m or gram_block_m(n, acc == torch.float64)
+    T = triton.cdiv(n, BM)
+    granule = max(c.kwargs["BLOCK_K"] for c in gram_fwd_configs())
+    ds = [x.shape[1] for x in xs]
+    S = _splits(ds, T * (T + 1) // 2, granule, split, n, min(x.element_size() for x in xs))
+    chunks = [triton.cdiv(triton.cdiv(d, s), granule) * granule for d, s in zip(ds, S, strict=True)]
+    S = [triton.cdiv(d, c) for d, c in zip(ds, chunks, strict=True)]
+    split0, ext0 = [], []
+    ns = ne = 0
+    for s_l in S:
+        split0.append(ns)
+        ext0.append(ne)
+        ns += s_l
+        ne += s_l - 1
+
+    K = torch.empty((L, n, n), dtype=acc, device=device)
+    KX = torch.empty((ne, n, n), dtype=acc, device=device) if ne else K
+    rp = torch.empty((ns, T, n), dtype=acc, device=device)
+    dp = torch.empty((ns, n), dtype=acc, device=device)
+    thr = torch.empty((ns, T), dtype=acc, device=device)
+
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((x.dtype, x.stride(1) == 1 or x.shape[1] == 1), []).append(i)
+    for (dtype, unit_k), idx in groups.items():
+        spec = tuple((g, ds[g], S[g], chunks[g], ext0[g], split0[g]) for g in idx)
+        table = device_table(
+            lambda spec=spec: _program_table(spec, T), torch.int32, device, key=("gram_fwd", T, spec)
+        )
+        num_programs = sum(S[g] for g in idx) * (T * (T + 1) // 2)
+        if len(idx) == 1:
+            # DIRECT: the layer is a kernel argument; the tables are not read (placeholders).
+            ptrs = strides = table
+        else:
+            ptrs = device_table([xs[g].data_ptr() for g in idx], torch.int64, device)
+            strides = device_table(
+                [v for g in idx for v in (xs[g].stride(0), xs[g].stride(1))], torch.int64, device
+            )
+        eps = torch.finfo(dtype).eps
+        dot_low = _dot_dtype(dtype)
+        _gram_fwd_kernel[(num_programs,)](
+            K,
+            KX,
+            rp,
+            dp,
+            thr,
+            xs[idx[0]],
+            ptrs,
+            strides,
+            table,
+            xs[idx[0]].stride(0),
+            xs[idx[0]].stride(1),
+            n,
+            min(n, SHIFT_ROWS),
+            T,
+            (4.0 * eps) ** 2,
+            pow2_bucket(n),
+            pow2_bucket(max(chunks[g] for g in idx)),
+            BLOCK_M=BM,
+            SHIFT_ROWS=SHIFT_ROWS,
+            X_UNIT_K=unit_k,
+            DIRECT=len(idx) == 1,
+            ACC=tl_dtype(acc),
+            DOT_LOW=dot_low is not None,
+            DOT_DTYPE=dot_low if dot_low is not None else tl_dtype(acc),
+            INPUT_PRECISION=input_precision(acc if dot_low is None else dtype),
+        )
+
+    BR = gram_rowsum_block(n)
+    R = triton.cdiv(n, BR)
+    lmeta = device_table([v for l in range(L) for v in (ext0[l], S[l], split0[l])], torch.int32, device)
+    r = torch.empty((L, n), dtype=acc, device=device)
+    dg = torch.empty((L, n), dtype=acc, device=device)
+    tp = torch.empty((L, R, 2), dtype=acc, device=device)
+    _gram_rowsum_kernel[(R, L)](r, dg, tp, rp, dp, lmeta, n, R, T, BLOCK_R=BR)
+
+    tiles = device_table(
+        lambda: [v for ti in range(T) for tj in range(ti, T) for v in (ti, tj)],
+        torch.int32,
+        device,
+        key=("tiles", T),
+    )
+    U = T * (T + 1) // 2
+    s = torch.empty((L,), dtype=acc, device=device)
+    ok8 = torch.empty((L,), dtype=torch.int8, device=device)
+    hp = torch.empty((L, U), dtype=acc, device=device)
+    BT = min(64, triton.next_power_of_2(max(R, T)))
+    _gram_center_kernel[(U, L)](
+        K,
+        s,
+        ok8,
+        hp,
+        KX,
+        r,
+        dg,
+        tp,
+        thr,
+        lmeta,
+        tiles,
+        n,
+        R,
+        T,
+        U,
+        BLOCK_M=BM,
+        BLOCK_T=BT,
+        HAS_SPLIT=ne > 0,
+        UNBIASED=estimator == "unbiased",
+        num_warps=gram_center_warps(BM),
+    )
+    h = torch.empty((L,), dtype=acc, device=device)
+    ok = torch.empty((L,), dtype=torch.bool, device=device)
+    sig = torch.empty((L,), dtype=acc, device=device)
+    _gram_finish_kernel[(L,)](
+        h,
+        ok,
+        sig,
+        hp,
+        ok8,
+        n,
+        U,
+        BLOCK_U=min(1024, triton.next_power_of_2(U)),
+        UNBIASED=estimator == "unbiased",
+    )
+    return K, s, ok, h, sig
+
+
+__all__ = ["gram_fwd"]
