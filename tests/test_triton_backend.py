@@ -1,0 +1,67 @@
+"""The public ops with backend="triton" (the interpreter on CPU) against backend="torch"."""
+
+import pytest
+import torch
+from helpers import assert_close_verbose, assert_grad_close
+
+import fastguide as fg
+
+ESTIMATORS = ["unbiased", "biased"]
+
+
+def _layers(n, dims, dtype=torch.float32):
+    base = torch.randn(n, 3, dtype=torch.float64)
+    return [(base @ torch.randn(3, d, dtype=torch.float64) + 0.3 * torch.randn(n, d, dtype=torch.float64)).to(dtype) for d in dims]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_matrix_and_grads_match_torch_backend(estimator):
+    xs = [x.requires_grad_(True) for x in _layers(19, (5, 17, 1))]
+    w = torch.randn(3, 3)
+    out = {}
+    for backend in ("torch", "triton"):
+        for x in xs:
+            x.grad = None
+        c = fg.cka_matrix(xs, estimator=estimator, backend=backend, route="gram")
+        (c * w).sum().backward()
+        out[backend] = (c.detach(), [x.grad.clone() for x in xs])
+    assert_close_verbose(out["triton"][0], out["torch"][0], 1e-5, "triton cka")
+    for a, b in zip(out["triton"][1], out["torch"][1]):
+        assert_grad_close(a, b, 1e-4, "triton grad")
+
+
+def test_pairs_with_precomputed_guide_stats_and_strided_inputs():
+    xs = [x.requires_grad_(True) for x in _layers(12, (6, 9))]
+    ys = [y.T.contiguous().T for y in _layers(12, (4, 8))]  # column-major views
+    stats = [fg.layer_stats(y, backend="triton") for y in ys]
+    ref_stats = [fg.layer_stats(y, backend="torch") for y in ys]
+    for a, b in zip(stats, ref_stats):
+        assert_close_verbose(a.C, b.C, 1e-5, "layer_stats C")
+    got = fg.cka_pairs(xs, stats, [(0, 1), (1, 0), (1, 1)], backend="triton")
+    want = fg.cka_pairs(xs, ys, [(0, 1), (1, 0), (1, 1)], backend="torch")
+    assert_close_verbose(got, want, 1e-5, "pairs")
+
+
+def test_degenerate_layer_through_triton():
+    z = torch.full((8, 5), 3333.33, requires_grad=True)
+    x = torch.randn(8, 4, requires_grad=True)
+    c = fg.cka_pairs([z, x], [x], [(0, 0), (1, 0)], backend="triton")
+    assert c[0].item() == 0.0 and abs(c[1].item() - 1) < 1e-5
+    c.sum().backward()
+    assert torch.count_nonzero(z.grad) == 0 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_gradcheck_fp64_through_triton(estimator):
+    a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 4, dtype=torch.float64)
+    f = lambda a, b: fg.cka_pairs([a, b], [g, a], [(0, 0), (1, 0), (1, 1)], estimator=estimator, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (a, b))
+
+
+def test_auto_uses_torch_on_cpu():
+    from fastguide.functional import _use_triton
+
+    assert not _use_triton("auto", torch.device("cpu"), "linear")
+    assert _use_triton("triton", torch.device("cpu"), "linear")  # interpreter is on in the tests
