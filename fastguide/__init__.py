@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .distill import distill_loss
 from .functional import LayerStats, cka, cka_matrix, cka_pairs, gram, layer_stats
+from .guidance import Guidance, align
 from .loss import CKALoss
 from .metric import MinibatchCKA
 
@@ -16,12 +18,7 @@ __all__ = [
     "cka_pairs",
     "CKALoss",
     "MinibatchCKA",
+    "Guidance",
+    "align",
+    "distill_loss",
 ]
-
-try:  # the training wrapper and baselines (issue 5) live in their own modules
-    from .distill import distill_loss
-    from .guidance import Guidance, align
-
-    __all__ += ["Guidance", "align", "distill_loss"]
-except ImportError:  # pragma: no cover - only while those modules are being written
-    pass

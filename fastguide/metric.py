@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._utils import check_option
-from .functional import _check_options, _check_pairs, _hsic_table, _plan, _prepare
+from .functional import _check_options, _check_pairs, _hsic_table, _index, _plan, _prepare
 
 
 class MinibatchCKA:
@@ -79,8 +78,7 @@ class MinibatchCKA:
         # Back to the un-normalised scale (multiply by s_a s_b); degenerate layers count as 0.
         s64, h64 = s.double(), h.double()
         self_all = torch.where(ok, h64 * s64 * s64, torch.zeros_like(h64))
-        pi = torch.tensor([i for i, _ in glob], device=s.device)
-        pj = torch.tensor([j for _, j in glob], device=s.device)
+        pi, pj = _index(flat, s.device)
         cross = torch.where(ok[pi] & ok[pj], hsic.double() * s64[pi] * s64[pj], torch.zeros_like(hsic, dtype=torch.float64))
         sx = self_all[:A]
         sy = self_all[:A] if ys2 is None else self_all[A:]
@@ -106,8 +104,7 @@ class MinibatchCKA:
         rx = torch.where(sx > 0, sx, torch.ones_like(sx)).sqrt()
         ry = torch.where(sy > 0, sy, torch.ones_like(sy)).sqrt()
         if self.pairs is not None:
-            pi = torch.tensor([i for i, _ in self.pairs], device=cross.device)
-            pj = torch.tensor([j for _, j in self.pairs], device=cross.device)
+            pi, pj = _index([v for p in self.pairs for v in p], cross.device)
             valid = (sx[pi] > 0) & (sy[pj] > 0)
             return torch.where(valid, cross / (rx[pi] * ry[pj]), torch.zeros_like(cross))
         A, B = self.shape
@@ -141,4 +138,4 @@ class MinibatchCKA:
         )
 
 
-__all__ = ["MinibatchCKA", "check_option"]
+__all__ = ["MinibatchCKA"]
