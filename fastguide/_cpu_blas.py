@@ -8,14 +8,18 @@ Which ``syrk``. torch's CPU wheel links MKL statically into ``libtorch_cpu.so`` 
 the product on MKL's threading layer, which is torch's own OpenMP pool, so it interleaves with torch
 ops without the thread fight measured for SciPy's OpenBLAS ``ssyrk`` (torch's OpenMP workers spin
 after each parallel region and starve OpenBLAS's pthreads: 284 ms vs 51 ms for a 10 x 10 all-pairs
-CKA; see DESIGN.md section 6). Measured on the 2-core dev machine, interleaved with torch ops, median
-of paired ratios: 1.3-2.0x faster than ``X @ X.T`` for (n, d) = (256, 2048) ... (1024, 1024).
+CKA; see DESIGN.md section 6). MKL's Fortran ``?syrk`` takes integer arguments by reference; they are
+passed as int64, which reads as the same value under an LP64 (int32) interface for sizes < 2^31 on
+little-endian CPUs.
+
+Whether it wins. On the 2-core development machine (AMD EPYC, interleaved timings), MKL's syrk was
+1.2-1.7x faster than ``X @ X.T`` single-threaded for n = 256-1024, but with two threads it scaled worse
+than MKL's GEMM for some shapes (0.9x at n = 256, d = 16384). So the choice is measured once per shape
+class in the real pipeline (:func:`_syrk_wins`) and syrk is used only where it wins.
 
 The entry point is found once with ctypes and checked against ``X @ X.T`` on a small matrix before
 first use; if the symbol is missing (a torch build without MKL, e.g. aarch64 or OpenBLAS builds), the
-check fails, or ``FASTGUIDE_CPU_SYRK=0`` is set, :func:`sym_gram` uses ``torch.mm`` instead, with the
-same chunking. MKL's Fortran ``?syrk`` takes integer arguments by reference; they are passed as int64,
-which reads as the same value under an LP64 (int32) interface for sizes < 2^31 on little-endian CPUs.
+check fails, or ``FASTGUIDE_CPU_SYRK=0`` is set, :func:`sym_gram` uses ``torch.mm`` instead.
 
 Memory: the shift (DESIGN.md section 2) must be applied before the product (fp32 cancellation), but a
 full shifted copy of a conv activation (n x 802,816 fp32 = 822 MB at n = 256) is far more than the
@@ -27,17 +31,19 @@ is one chunk, not a copy of the activation.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
+import time
 
 import torch
 
 __all__ = ["sym_gram", "shifted_matmul", "syrk_available", "CHUNK_ELEMS"]
 
-#: Largest shifted-feature chunk (elements) formed at once: 4 Mi elements = 16 MiB in fp32.
-CHUNK_ELEMS = 1 << 22
+#: Largest shifted-feature chunk (elements) formed at once: 1 Mi elements = 4 MiB in fp32.
+CHUNK_ELEMS = 1 << 20
 #: Never make chunks narrower than this many columns (GEMM efficiency along the reduction dim).
-MIN_CHUNK_COLS = 1024
+MIN_CHUNK_COLS = 512
 
 _lock = threading.Lock()
 _SYRK: dict | None = None
@@ -80,10 +86,16 @@ def _call(fn, X: torch.Tensor, C: torch.Tensor, beta: float) -> None:
     real = ctypes.c_double if X.dtype == torch.float64 else ctypes.c_float
     i64 = ctypes.c_int64
     fn(
-        ctypes.byref(ctypes.c_char(b"U")), ctypes.byref(ctypes.c_char(b"T")),
-        ctypes.byref(i64(n)), ctypes.byref(i64(k)), ctypes.byref(real(1.0)),
-        ctypes.c_void_p(X.data_ptr()), ctypes.byref(i64(k)), ctypes.byref(real(beta)),
-        ctypes.c_void_p(C.data_ptr()), ctypes.byref(i64(n)),
+        ctypes.byref(ctypes.c_char(b"U")),
+        ctypes.byref(ctypes.c_char(b"T")),
+        ctypes.byref(i64(n)),
+        ctypes.byref(i64(k)),
+        ctypes.byref(real(1.0)),
+        ctypes.c_void_p(X.data_ptr()),
+        ctypes.byref(i64(k)),
+        ctypes.byref(real(beta)),
+        ctypes.c_void_p(C.data_ptr()),
+        ctypes.byref(i64(n)),
     )
 
 
@@ -98,7 +110,9 @@ def _self_test(fn, dt: torch.dtype) -> bool:
         return False
     ref = (X.double() @ X.double().T).tril()
     got = C.tril().double()
-    return bool(torch.isfinite(got).all()) and bool(((got - ref).abs().max() <= 1e-3 * ref.abs().max()).item())
+    return bool(torch.isfinite(got).all()) and bool(
+        ((got - ref).abs().max() <= 1e-3 * ref.abs().max()).item()
+    )
 
 
 def syrk_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -128,42 +142,173 @@ def _shifted_chunk(x: torch.Tensor, shift: torch.Tensor, c0: int, c1: int, acc: 
     return torch.sub(x[:, c0:c1], shift[c0:c1], out=out)
 
 
-def sym_gram(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+#: Raw-product route allowed while the offset energy n ||mu||^2 is at most this multiple of the centred
+#: energy ||X^||_F^2 (rounding of the raw Gram relative to the centred one grows like 1 + rho).
+RHO_MAX = 4.0
+SHIFT_ROWS = 32
+#: Below this n^2 d the raw route uses ``torch.mm``: syrk's saving (measured 1.2-1.4x on the Gram,
+#: single thread) does not cover its fixed cost (ctypes call, mirror ops) -- e.g. 0.6x at (128, 1024).
+SYRK_MIN_WORK = 1 << 27
+
+
+def _raw_ok(x: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Cheap pre-check from the first rows: is ``||mu||^2 <= RHO_MAX * (mean sq. distance to mu)``?
+
+    ``shift`` is the mean ``mu`` of the first ``min(n, 32)`` rows, so their mean squared distance to it
+    is ``mean ||x_r||^2 - ||mu||^2`` (cancellation there only makes a large offset look larger: safe).
+    A host read on a CPU tensor (no device sync); never called for other devices.
+    """
+    m0 = min(x.shape[0], SHIFT_ROWS)
+    off = float(shift.square().sum())
+    head = float(torch.linalg.vector_norm(x[:m0], dtype=shift.dtype).square()) / m0
+    return off <= RHO_MAX * (head - off)
+
+
+def _can_raw(x: torch.Tensor, acc: torch.dtype) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == acc
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and x.stride(0) == x.shape[1]
+    )
+
+
+_CHOICE: dict = {}
+
+
+def _syrk_wins(fn, x: torch.Tensor, acc: torch.dtype) -> bool:
+    """Whether ``syrk`` + mirror beats ``torch.mm`` for this shape class here, measured once.
+
+    syrk's gain depends on the machine and on threading: single-threaded it measured 1.2-1.7x faster
+    than ``X @ X.T`` on the development machine, but with two threads MKL's syrk scaled worse than its
+    GEMM (0.9x at n = 256, d = 16384). So the first product of each (n, d rounded to a power of two,
+    dtype, torch thread count) class is timed both ways on the real input (interleaved, best of two
+    each) and the winner is cached; syrk must win by 10 %. ``FASTGUIDE_CPU_SYRK=force`` skips the test.
+    Only C-contiguous inputs in the accumulation dtype are timed (others take the chunked path).
+    """
+    mode = os.environ.get("FASTGUIDE_CPU_SYRK", "auto")
+    if mode == "force":
+        return True
+    n, d = x.shape
+    key = (n, 1 << max(0, round(math.log2(max(d, 1)))), acc, torch.get_num_threads())
+    hit = _CHOICE.get(key)
+    if hit is not None:
+        return hit
+    if not _can_raw(x, acc):
+        return True
+    C = torch.empty((n, n), dtype=acc)
+    t_syrk, t_mm = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _call(fn, x, C, 0.0)
+        _mirror_lower_(C)
+        t_syrk.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.mm(x, x.T, out=C)
+        t_mm.append(time.perf_counter() - t0)
+    win = min(t_syrk) < 0.9 * min(t_mm)
+    if len(_CHOICE) > 256:
+        _CHOICE.clear()
+    _CHOICE[key] = win
+    return win
+
+
+def _mirror_lower_(C: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """Copy the lower triangle of a row-major (n, n) C onto its upper one, in place, tile by tile.
+
+    Tiles keep the transposed reads in cache; a whole-matrix ``torch.where(mask, C.T, C)`` measured
+    4.4 ms at n = 1024 against 2.9 ms here, and this allocates nothing but one tile.
+    """
+    n = C.shape[0]
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        d = C[i0:i1, i0:i1]
+        d.copy_(torch.where(_upper_mask(i1 - i0), d.T, d))
+        for j0 in range(i1, n, tile):
+            j1 = min(n, j0 + tile)
+            C[i0:i1, j0:j1].copy_(C[j0:j1, i0:i1].T)
+    return C
+
+
+def sym_gram(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``K = (x - shift)(x - shift)^T`` in ``shift.dtype`` (the accumulation dtype), full (n, n).
 
-    ``x`` is (n, d) of any float dtype and strides; ``shift`` is (d,) in the accumulation dtype.
-    No autograd: callers use it for the forward statistics (analytic backward) only. CPU tensors with
-    an MKL ``syrk`` go through it (one triangle, then mirrored); everything else uses ``torch.mm``.
-    Both accumulate over column chunks of the shifted features (see the module docstring).
+    ``x`` is (n, d) of any float dtype and strides; ``shift`` is (d,) in the accumulation dtype, the
+    mean of the first ``min(n, 32)`` rows (``_torch_backend.shift_of``). ``out`` (optional, (n, n) of
+    ``shift.dtype``) receives the result. No autograd: callers use it for the forward statistics
+    (analytic backward) only.
+
+    Raw route (CPU, C-contiguous x already in the accumulation dtype, offset small against the spread:
+    ``RHO_MAX``, checked on the first rows before and exactly after): the product of the raw x with no
+    copy at all -- ``syrk`` (half the flops) plus an in-place mirror when ``d >= n / 4`` and
+    ``n^2 d >= SYRK_MIN_WORK``, else ``torch.mm`` on the raw x when ``d >= n`` (a shifted copy would
+    outweigh the Gram); small ``d < n`` takes the plain path below
+    (the mirror's transposed pass costs more than ``syrk`` saves when d is small against n: 2.9 ms vs
+    3.2 ms saved at n = 1024, d = 256) -- then the exact shift correction from the Gram itself,
+    ``K = K_raw - v 1^T - 1 v^T + m`` with ``v = x mu = K_raw[:, :32].mean(1)`` and ``m = mu^T mu``
+    (O(n^2)). Otherwise the shifted features are formed in column chunks and accumulated (``syrk`` with
+    ``beta = 1`` on CPU, ``torch.mm`` elsewhere), so the transient is one chunk, not a copy of x.
     """
     acc = shift.dtype
     n, d = x.shape
-    step = _chunk_cols(n, d)
+    if out is not None and (out.dtype != acc or not out.is_contiguous()):
+        return out.copy_(sym_gram(x, shift))
     fn = _load().get(acc) if x.device.type == "cpu" else None
-    if fn is None:
-        K = None
+    use_syrk = fn is not None and 4 * d >= n and n * n * d >= SYRK_MIN_WORK and _syrk_wins(fn, x, acc)
+    # The raw route when it saves flops (syrk) or memory (a shifted copy of x would outweigh the
+    # Gram, d >= n); small d < n keeps the plain path (shifted copy + one GEMM: two ops).
+    if (use_syrk or d >= n) and _can_raw(x, acc) and _raw_ok(x, shift):
+        if use_syrk:
+            K = out if out is not None else torch.empty((n, n), dtype=acc)
+            _call(fn, x, K, 0.0)
+            _mirror_lower_(K)
+        else:
+            K = torch.mm(x, x.T, out=out) if out is not None else x @ x.T
+        m0 = min(n, SHIFT_ROWS)
+        v = K[:, :m0].mean(dim=1)  # x mu
+        u = v - 0.5 * v[:m0].mean()  # x mu - mu^T mu / 2
+        K.sub_(u.unsqueeze(1)).sub_(u.unsqueeze(0))
+        # Exact check of the offset ratio on all rows (the first rows could be unrepresentative).
+        if float(n * shift.square().sum()) <= RHO_MAX * float(K.diagonal().sum()):
+            return K
+    step = _chunk_cols(n, d)
+    if not use_syrk:
+        K = out
         for c0 in range(0, d, step):
             Xc = _shifted_chunk(x, shift, c0, min(d, c0 + step), acc)
-            K = Xc @ Xc.T if K is None else K.addmm_(Xc, Xc.T)
+            if K is None:
+                K = Xc @ Xc.T
+            elif c0 == 0:
+                torch.mm(Xc, Xc.T, out=K)
+            else:
+                K.addmm_(Xc, Xc.T)
         return K
-    C = torch.empty((n, n), dtype=acc)
+    K = out if out is not None else torch.empty((n, n), dtype=acc)
     for c0 in range(0, d, step):
         Xc = _shifted_chunk(x, shift, c0, min(d, c0 + step), acc)
-        _call(fn, Xc, C, 0.0 if c0 == 0 else 1.0)
+        _call(fn, Xc, K, 0.0 if c0 == 0 else 1.0)
         del Xc
-    # Mirror the lower triangle; the upper one was never written (whatever it holds is not read).
-    return torch.where(_upper_mask(n), C.T, C)
+    return _mirror_lower_(K)
 
 
-def shifted_matmul(G: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale, out_dtype: torch.dtype) -> torch.Tensor:
-    """``scale * G @ (x - shift)`` as an (n, d) tensor of ``out_dtype``, formed in column chunks.
+def shifted_matmul(
+    G: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``scale * G @ (x - shift)`` as an (n, d) tensor of ``out_dtype``, for a G with zero row sums.
 
-    The product is one GEMM per chunk written straight into its column slice of the output (a
-    strided BLAS destination), so the only transient is one shifted chunk.
+    ``G`` is scaled in place (it is the caller's scratch buffer).
+
+    ``G 1 = 0`` (a combination of centred Grams), so ``G (x - 1 mu^T) = G x`` exactly; the shift only
+    matters for rounding. Under the same offset test as :func:`sym_gram` (CPU), one GEMM on the raw x.
+    Otherwise one GEMM per column chunk of the shifted features, written straight into its column slice
+    of the output (a strided BLAS destination), so the only transient is one shifted chunk.
     """
     acc = shift.dtype
     n, d = x.shape
-    Gs = G * scale
+    Gs = G.mul_(scale)  # G is the caller's scratch buffer (grad_from_terms builds it per layer)
+    if d >= n and _can_raw(x, acc) and out_dtype == acc and _raw_ok(x, shift):
+        return Gs @ x
     step = _chunk_cols(n, d)
     if step >= d:
         out = Gs @ _shifted_chunk(x, shift, 0, d, acc)

@@ -19,11 +19,15 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--out", default="./fastguide-demo", help="output folder (default: ./fastguide-demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, every arm, one seed (under a minute)")
-    p.add_argument("--full", action="store_true", help="every arm on every task, twice the steps, plus parity")
+    p.add_argument(
+        "--full", action="store_true", help="every arm on every task, twice the steps, plus parity"
+    )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the first task (others scale)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: 2 on CPU, 1 on CUDA)"
+    )
     p.add_argument("--tasks", nargs="+", default=None, help="subset of tasks: digits copy parity")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_demo)
@@ -33,8 +37,15 @@ def _run_demo(args) -> int:
     from .experiments.demo import run_demo
 
     run_demo(
-        args.out, quick=args.quick, full=args.full, seeds=args.seeds, steps=args.steps, device=args.device,
-        workers=args.workers, tasks=args.tasks, progress=not args.no_progress,
+        args.out,
+        quick=args.quick,
+        full=args.full,
+        seeds=args.seeds,
+        steps=args.steps,
+        device=args.device,
+        workers=args.workers,
+        tasks=args.tasks,
+        progress=not args.no_progress,
     )
     return 0
 
@@ -50,14 +61,18 @@ def _add_heatmap(sub) -> None:
         ),
     )
     p.add_argument("--a", default="fcn", choices=["fcn", "resnet", "rnn", "transformer"], help="first model")
-    p.add_argument("--b", default="resnet", choices=["fcn", "resnet", "rnn", "transformer"], help="second model")
+    p.add_argument(
+        "--b", default="resnet", choices=["fcn", "resnet", "rnn", "transformer"], help="second model"
+    )
     p.add_argument("--n", type=int, default=256, help="number of examples (default 256)")
     p.add_argument("--estimator", default="unbiased", choices=["unbiased", "biased"])
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"])
     p.add_argument("--train-steps", type=int, default=0, help="train both models on the task first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="./fastguide-heatmap", help="output folder (default: ./fastguide-heatmap)")
+    p.add_argument(
+        "--out", default="./fastguide-heatmap", help="output folder (default: ./fastguide-heatmap)"
+    )
     p.set_defaults(func=_run_heatmap)
 
 
@@ -65,8 +80,15 @@ def _run_heatmap(args) -> int:
     from .experiments.heatmap import run_heatmap
 
     run_heatmap(
-        args.a, args.b, n=args.n, estimator=args.estimator, kernel=args.kernel, train_steps=args.train_steps,
-        seed=args.seed, device=args.device, out=args.out,
+        args.a,
+        args.b,
+        n=args.n,
+        estimator=args.estimator,
+        kernel=args.kernel,
+        train_steps=args.train_steps,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
     )
     return 0
 

@@ -353,13 +353,16 @@ def _setup_context(ctx, inputs, output):
     ctx.which = [a for a, x in enumerate(layers) if x.requires_grad]
     ctx.n_layers = len(layers)
     ctx.args = (pairs, estimator, kernel, sigma, route, backend)
+    # Only the CKA output is differentiable: without this, autograd materialises a zero gradient the
+    # size of the whole (L, n, n) Gram stack for the unused C output on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(cka, C, pre_C, s, ok, pre_ok, h, pre_h, sig, *layers)
 
 
 def _backward(ctx, grad_cka, _gC, _gs, _gok, _gh, _gsig):
     cka, C, pre_C, s, ok, pre_ok, h, pre_h, sig, *layers = ctx.saved_tensors
     grads = [None] * ctx.n_layers
-    if ctx.which:
+    if ctx.which and grad_cka is not None:
         pairs, estimator, kernel, sigma, route, backend = ctx.args
         gs = _cka_bwd(
             grad_cka, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, sig,

@@ -185,9 +185,13 @@ class Guidance:
         if guide_mode not in ("eval", "train", None):
             raise ValueError(f"guide_mode must be 'eval', 'train' or None; got {guide_mode!r}")
         if guide_dtype is not None and guide_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"guide_dtype must be None, torch.bfloat16, torch.float16 or torch.float32; got {guide_dtype}")
+            raise ValueError(
+                f"guide_dtype must be None, torch.bfloat16, torch.float16 or torch.float32; got {guide_dtype}"
+            )
         if not (callable(weight) or isinstance(weight, (int, float))):
-            raise TypeError(f"weight must be a number or a callable weight(step); got {type(weight).__name__}")
+            raise TypeError(
+                f"weight must be a number or a callable weight(step); got {type(weight).__name__}"
+            )
         for name, value, allowed in (
             ("estimator", estimator, ("unbiased", "biased")),
             ("kernel", kernel, ("linear", "rbf")),
@@ -245,13 +249,19 @@ class Guidance:
         self._pair_idx: list[tuple[int, int]] = []
         if isinstance(layers, str):
             if layers != "auto":
-                raise ValueError(f"layers must be 'auto', a {{target: guide}} dict or a list of pairs; got {layers!r}")
+                raise ValueError(
+                    f"layers must be 'auto', a {{target: guide}} dict or a list of pairs; got {layers!r}"
+                )
             self._resolved = False
             cands = [n for n, m in self._t_modules.items() if isinstance(m, AUTO_TYPES)]
             if not cands:
-                raise ValueError(f"layers='auto' found no module of types {[t.__name__ for t in AUTO_TYPES]} in the target")
+                raise ValueError(
+                    f"layers='auto' found no module of types {[t.__name__ for t in AUTO_TYPES]} in the target"
+                )
             if not any(isinstance(m, AUTO_TYPES) for m in self._g_modules.values()):
-                raise ValueError(f"layers='auto' found no module of types {[t.__name__ for t in AUTO_TYPES]} in the guide")
+                raise ValueError(
+                    f"layers='auto' found no module of types {[t.__name__ for t in AUTO_TYPES]} in the guide"
+                )
             for n in cands:
                 self._handles.append(self._t_modules[n].register_forward_hook(self._make_target_hook(n)))
             if example is not None:
@@ -290,9 +300,11 @@ class Guidance:
         handles = []
         for n, m in self._g_modules.items():
             if isinstance(m, AUTO_TYPES):
+
                 def hook(mod, inp, out, n=n):
                     if n not in order:
                         order.append(n)
+
                 handles.append(m.register_forward_hook(hook))
         try:
             with torch.no_grad(), self._guide_autocast():
@@ -310,7 +322,8 @@ class Guidance:
             )
         if len(g_order) < 2:
             raise RuntimeError(
-                f"layers='auto': the guide ran {len(g_order)} hookable module(s) ({g_order}); need at least two"
+                f"layers='auto': the guide ran {len(g_order)} hookable module(s) ({g_order}); "
+                "need at least two"
             )
         t_order, g_order = t_order[:-1], g_order[:-1]
         idx = auto_pairs(len(t_order), len(g_order))
@@ -322,9 +335,11 @@ class Guidance:
         handles = []
         for n, m in self._t_modules.items():
             if isinstance(m, AUTO_TYPES):
+
                 def hook(mod, inp, out, n=n):
                     if n not in t_order:
                         t_order.append(n)
+
                 handles.append(m.register_forward_hook(hook))
         # BatchNorm running statistics must not move because of the probe (no_grad: nothing is captured).
         buffers = [(b, b.clone()) for b in self.target.buffers()]
@@ -401,7 +416,11 @@ class Guidance:
             if self.check_finite and not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(f"guide layer {name!r} has non-finite values (NaN or inf)")
             self._g_stats[name] = fastguide.layer_stats(
-                t, estimator=self.estimator, kernel=self.kernel, sigma=self.sigma, tokens=self.tokens,
+                t,
+                estimator=self.estimator,
+                kernel=self.kernel,
+                sigma=self.sigma,
+                tokens=self.tokens,
                 backend=self.backend,
             )
 
@@ -436,9 +455,11 @@ class Guidance:
         return (x,), {}
 
     def _check_guide_frozen(self) -> None:
+        # A train()/eval() call on a parent module could have flipped the guide's mode; restore it.
         if self.guide_mode == "eval" and self.guide.training:
-            # A user's target.train() on a parent module could have flipped it; restore the contract.
             self.guide.eval()
+        elif self.guide_mode == "train" and not self.guide.training:
+            self.guide.train()
         for n, p in self.guide.named_parameters():
             if p.requires_grad:
                 raise RuntimeError(
@@ -515,7 +536,7 @@ class Guidance:
             ys = [self._g_stats[n] for n in self._g_names]
         finally:
             self._g_stats = {}
-        for (i, j) in self._pair_idx:
+        for i, j in self._pair_idx:
             n_t, n_g = xs[i].shape[0], self._g_batch[self._g_names[j]]
             if n_t != n_g:
                 raise ValueError(
@@ -526,8 +547,14 @@ class Guidance:
         if hasattr(ys[0], "to"):
             ys = [s.to(dev) for s in ys]
         ckas = fastguide.cka_pairs(
-            xs, ys, self._pair_idx, estimator=self.estimator, kernel=self.kernel, sigma=self.sigma,
-            backend=self.backend, tokens=self.tokens,
+            xs,
+            ys,
+            self._pair_idx,
+            estimator=self.estimator,
+            kernel=self.kernel,
+            sigma=self.sigma,
+            backend=self.backend,
+            tokens=self.tokens,
         )
         self._last_cka = ckas.detach()
         per_pair = 1.0 - ckas

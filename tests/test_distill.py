@@ -46,7 +46,11 @@ def test_sequence_logits_and_reductions():
         ((torch.randn(2, 3), torch.randn(2, 4), 1.0), ValueError, "same shape"),
         ((torch.randn(2, 3), torch.randn(2, 3), 0.0), ValueError, "temperature"),
         ((torch.randn(2, 3), torch.randn(2, 3), -1.0), ValueError, "temperature"),
-        ((torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), 1.0), TypeError, "floating"),
+        (
+            (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), 1.0),
+            TypeError,
+            "floating",
+        ),
     ],
     ids=["shape", "zero-T", "negative-T", "integer"],
 )

@@ -81,7 +81,7 @@ def test_auto_mapping_paper_fcn_resnet18():
     assert len({t for t, _ in pairs}) == 21 and len({g for _, g in pairs}) == 21
     idx = [t_layers.index(t) for t, _ in pairs]
     assert idx == [int(j * 47 / 20 + 0.5) for j in range(21)]
-    gaps = [b - a for a, b in zip(idx, idx[1:])]
+    gaps = [b - a for a, b in zip(idx, idx[1:], strict=False)]
     assert set(gaps) <= {2, 3}
     # torchvision order: a block's shortcut conv runs after its conv2
     gnames = [g for _, g in pairs]
@@ -92,7 +92,7 @@ def test_auto_resolves_on_first_step(pair):
     target, guide = pair
     g = fastguide.Guidance(target, guide, estimator="biased")
     with pytest.raises(RuntimeError, match="resolved"):
-        g.pairs
+        _ = g.pairs
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
     _step(target, g, x, y)
     # target: 3 hidden Linears (head dropped); guide: 5 hidden Linears
@@ -149,7 +149,7 @@ def test_guide_frozen_params_unchanged_no_grad(pair):
     for k, v in guide.state_dict().items():
         assert torch.equal(v, snapshot[k]), k
     assert all(p.grad is None and not p.requires_grad for p in guide.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(t_before, target.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(t_before, target.parameters(), strict=True))
 
 
 def test_guide_activations_not_retained(pair):
@@ -194,13 +194,18 @@ def test_gradients_match_explicit_ckaloss(pair, estimator, reduction):
     target2 = copy.deepcopy(target)
     layers = {"1": "3", "3": "5", "5": "9"}
     x = torch.randn(20, 12, dtype=torch.float64)
-    with fastguide.Guidance(target, guide, layers=layers, estimator=estimator, reduction=reduction, weight=0.7) as g:
+    with fastguide.Guidance(
+        target, guide, layers=layers, estimator=estimator, reduction=reduction, weight=0.7
+    ) as g:
         target(x)
         g.loss(x).backward()
 
     acts, gacts = {}, {}
     hs = [target2[int(k)].register_forward_hook(lambda m, i, o, k=k: acts.__setitem__(k, o)) for k in layers]
-    hs += [guide[int(v)].register_forward_hook(lambda m, i, o, v=v: gacts.__setitem__(v, o)) for v in layers.values()]
+    hs += [
+        guide[int(v)].register_forward_hook(lambda m, i, o, v=v: gacts.__setitem__(v, o))
+        for v in layers.values()
+    ]
     target2(x)
     with torch.no_grad():
         guide(x)
@@ -209,13 +214,15 @@ def test_gradients_match_explicit_ckaloss(pair, estimator, reduction):
     crit = fastguide.CKALoss(estimator=estimator, reduction=reduction)
     loss = 0.7 * crit([acts[k] for k in layers], [gacts[v] for v in layers.values()])
     loss.backward()
-    for (n, p1), p2 in zip(target.named_parameters(), target2.parameters()):
+    for (n, p1), p2 in zip(target.named_parameters(), target2.parameters(), strict=True):
         if n.startswith("7."):  # the head is not in any pair
             assert p1.grad is None and p2.grad is None
             continue
         assert p1.grad is not None, n
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-12, msg=n)
-    ckas = fastguide.cka_pairs([acts[k] for k in layers], [gacts[v] for v in layers.values()], estimator=estimator)
+    ckas = fastguide.cka_pairs(
+        [acts[k] for k in layers], [gacts[v] for v in layers.values()], estimator=estimator
+    )
     torch.testing.assert_close(g.last_cka, ckas.detach())
 
 
@@ -316,7 +323,7 @@ def test_demo_sequence_models_auto():
 
 def test_every_and_until(pair):
     target, guide = pair
-    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    x = torch.randn(16, 12)
     with fastguide.Guidance(target, guide, every=2, until=5) as g:
         guided = []
         for step in range(8):
@@ -456,7 +463,9 @@ def test_align_history_and_rise():
     torch.manual_seed(0)
     target, guide = _mlp(depth=3), _mlp(width=24, depth=3)
     t_mode = target.training
-    hist = fastguide.align(target, guide, 30, lr=1e-2, example=torch.randn(64, 12), estimator="biased", seed=0)
+    hist = fastguide.align(
+        target, guide, 30, lr=1e-2, example=torch.randn(64, 12), estimator="biased", seed=0
+    )
     assert hist.cka.shape == (30, 3) and hist.loss.shape == (30,)
     assert len(hist.pairs) == 3
     assert hist.cka[-5:].mean() > hist.cka[:5].mean() + 0.05
@@ -471,7 +480,9 @@ def test_align_tokens_reproducible():
         target = models.TanhRNN(9, 9, hidden=16, num_layers=2)
         guide = models.CausalTransformer(9, 9, d_model=16, num_layers=2, n_heads=2, max_len=16)
         layers = {"rnns.0": "blocks.0", "rnns.1": "blocks.1"}
-        return fastguide.align(target, guide, 5, example=torch.zeros(8, 10, dtype=torch.long), layers=layers, seed=3)
+        return fastguide.align(
+            target, guide, 5, example=torch.zeros(8, 10, dtype=torch.long), layers=layers, seed=3
+        )
 
     a, b = run(), run()
     assert a.pairs == [("rnns.0", "blocks.0"), ("rnns.1", "blocks.1")]

@@ -73,20 +73,31 @@ def default_tasks(quick: bool = False, full: bool = False) -> list[TaskConfig]:
     digits = TaskConfig(
         "digits",
         steps=600,
-        eval_every=25,
-        arms=("baseline", "guided_untrained", "guided_trained", "guided_until", "align_then_train", "distill_untrained"),
-        params=dict(n_train=200, depth=16, hidden=256, dropout=0.0, guide_widths=(16, 32, 64), guide_blocks=1),
+        eval_every=100,
+        arms=(
+            "baseline",
+            "guided_untrained",
+            "guided_trained",
+            "guided_until",
+            "align_then_train",
+            "distill_untrained",
+        ),
+        params=dict(
+            n_train=100, depth=32, hidden=128, dropout=0.1, guide_widths=(16, 32, 64), guide_blocks=1
+        ),
     )
     copy_task = TaskConfig(
         "copy",
-        steps=1500,
-        eval_every=50,
+        steps=500,
+        eval_every=100,
         arms=("baseline", "guided_untrained", "guided_until"),
-        params=dict(length=12, symbols=8, hidden=128, rnn_layers=4, d_model=64, tf_layers=4, n_test=512),
+        params=dict(length=12, symbols=8, hidden=128, rnn_layers=4, d_model=64, tf_layers=4, n_test=256),
     )
     tasks = [digits, copy_task]
     if full:
-        tasks = [replace(t, arms=ALL_ARMS, steps=t.steps * 2) for t in tasks]
+        tasks = [replace(t, arms=ALL_ARMS, steps=t.steps * 2, eval_every=2 * t.eval_every) for t in tasks]
+        # A transformer needs longer than the FCN's conv guide to learn copying well.
+        tasks[1] = replace(tasks[1], guide_steps=1000, params=dict(tasks[1].params, n_test=512))
         tasks.append(
             TaskConfig(
                 "parity",
@@ -98,10 +109,10 @@ def default_tasks(quick: bool = False, full: bool = False) -> list[TaskConfig]:
         )
     if quick:
         tasks = [
-            replace(t, steps=40, eval_every=20, until=20, align_steps=10, guide_steps=20, arms=ALL_ARMS)
+            replace(t, steps=30, eval_every=15, until=15, align_steps=10, guide_steps=20, arms=ALL_ARMS)
             for t in tasks
         ]
-        tasks[0].params.update(depth=4, hidden=64)
+        tasks[0].params.update(depth=4, hidden=64, dropout=0.0)
         tasks[1].params.update(length=6, hidden=32, d_model=32, tf_layers=2, rnn_layers=2, n_test=128)
     return tasks
 
@@ -238,8 +249,15 @@ def run_job(job: dict) -> dict:
     if arm == "align_then_train":
         torch.manual_seed(1_000 * seed + 3)
         hist = align(
-            target, guide, task.align_steps, lr=task.lr, example=b["example"].to(device),
-            layers=b["layers"], estimator="biased", seed=1_000 * seed + 4, guide_mode=task.guide_mode,
+            target,
+            guide,
+            task.align_steps,
+            lr=task.lr,
+            example=b["example"].to(device),
+            layers=b["layers"],
+            estimator="biased",
+            seed=1_000 * seed + 4,
+            guide_mode=task.guide_mode,
         )
         extra["align_cka_first"] = hist.cka[0].tolist() if len(hist) else []
         extra["align_cka_last"] = hist.cka[-1].tolist() if len(hist) else []
@@ -247,8 +265,14 @@ def run_job(job: dict) -> dict:
     guidance = None
     if arm in ("guided_untrained", "guided_trained", "guided_until"):
         guidance = Guidance(
-            target, guide, layers=b["layers"], weight=task.weight, estimator="biased", reduction="sum",
-            until=task.until if arm == "guided_until" else None, guide_mode=task.guide_mode,
+            target,
+            guide,
+            layers=b["layers"],
+            weight=task.weight,
+            estimator="biased",
+            reduction="sum",
+            until=task.until if arm == "guided_until" else None,
+            guide_mode=task.guide_mode,
         )
     teacher = guide.eval() if arm == "distill_untrained" else None
 
@@ -262,7 +286,7 @@ def run_job(job: dict) -> dict:
     def record(step):
         trl, tra = _evaluate(target, b["loss_correct"], b["count"], b["train_eval"], device)
         tel, tea = _evaluate(target, b["loss_correct"], b["count"], b["test_eval"], device)
-        for k, v in zip(curve, (step, trl, tra, tel, tea)):
+        for k, v in zip(curve, (step, trl, tra, tel, tea), strict=True):
             curve[k].append(v)
 
     target.train()
@@ -291,8 +315,15 @@ def run_job(job: dict) -> dict:
     final = {k: curve[k][-1] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
     final["gap"] = final["train_acc"] - final["test_acc"]
     return dict(
-        task=task.name, arm=arm, seed=seed, curve=curve, final=final, cka=ckas, chance=b["chance"],
-        seconds=time.perf_counter() - t0, **extra,
+        task=task.name,
+        arm=arm,
+        seed=seed,
+        curve=curve,
+        final=final,
+        cka=ckas,
+        chance=b["chance"],
+        seconds=time.perf_counter() - t0,
+        **extra,
     )
 
 
@@ -322,13 +353,37 @@ def machine_line(device: str) -> str:
     )
 
 
+def code_version() -> str:
+    """fastguide's version, plus the git commit (and '+dirty') when run from a source checkout."""
+    import subprocess
+
+    from .. import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"{__version__} ({commit}{'+dirty' if dirty else ''})" if commit else __version__
+
+
 def summarize(runs: list[dict], tasks: list[TaskConfig]) -> list[dict]:
     """Mean ± std over seeds per (task, arm), and the per-seed comparison with the baseline."""
     rows = []
     for task in tasks:
         base = {r["seed"]: r for r in runs if r["task"] == task.name and r["arm"] == "baseline"}
         for arm in task.arms:
-            rs = sorted((r for r in runs if r["task"] == task.name and r["arm"] == arm), key=lambda r: r["seed"])
+            rs = sorted(
+                (r for r in runs if r["task"] == task.name and r["arm"] == arm), key=lambda r: r["seed"]
+            )
             if not rs:
                 continue
             row: dict[str, Any] = dict(task=task.name, arm=arm, label=_label(arm, task), seeds=len(rs))
@@ -337,7 +392,11 @@ def summarize(runs: list[dict], tasks: list[TaskConfig]) -> list[dict]:
                 row[k] = float(v.mean())
                 row[k + "_std"] = float(v.std()) if len(v) > 1 else 0.0
             if arm != "baseline" and base:
-                paired = [(r["final"]["test_acc"], base[r["seed"]]["final"]["test_acc"]) for r in rs if r["seed"] in base]
+                paired = [
+                    (r["final"]["test_acc"], base[r["seed"]]["final"]["test_acc"])
+                    for r in rs
+                    if r["seed"] in base
+                ]
                 row["delta_test_acc"] = sum(a - c for a, c in paired) / len(paired)
                 row["wins"] = sum(a > c for a, c in paired)
                 row["paired"] = len(paired)
@@ -352,24 +411,38 @@ def _label(arm: str, task: TaskConfig) -> str:
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["task", "arm", "test acc", "test loss", "train acc", "gap (train-test acc)", "vs baseline (test acc)"]
+    head = [
+        "task",
+        "arm",
+        "test acc",
+        "test loss",
+        "train acc",
+        "gap (train-test acc)",
+        "vs baseline (test acc)",
+    ]
     lines = []
     for r in rows:
         pct = lambda m, s: f"{100 * m:5.1f} ± {100 * s:4.1f}"  # noqa: E731
         vs = "—"
         if "wins" in r:
             vs = f"{100 * r['delta_test_acc']:+5.1f} pts, better on {r['wins']}/{r['paired']} seeds"
-        lines.append([
-            r["task"], r["label"], pct(r["test_acc"], r["test_acc_std"]),
-            f"{r['test_loss']:.3f} ± {r['test_loss_std']:.3f}", pct(r["train_acc"], r["train_acc_std"]),
-            f"{100 * r['gap']:+5.1f}", vs,
-        ])
+        lines.append(
+            [
+                r["task"],
+                r["label"],
+                pct(r["test_acc"], r["test_acc_std"]),
+                f"{r['test_loss']:.3f} ± {r['test_loss_std']:.3f}",
+                pct(r["train_acc"], r["train_acc_std"]),
+                f"{100 * r['gap']:+5.1f}",
+                vs,
+            ]
+        )
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
         return "\n".join(out)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
     out += [fmt.format(*line) for line in lines]
     return "\n".join(out)
@@ -382,7 +455,7 @@ def plot(runs: list[dict], tasks: list[TaskConfig], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         for arm in task.arms:
             rs = [r for r in runs if r["task"] == task.name and r["arm"] == arm]
             if not rs:
@@ -391,8 +464,9 @@ def plot(runs: list[dict], tasks: list[TaskConfig], path: str) -> None:
             acc = torch.tensor([r["curve"]["test_acc"] for r in rs], dtype=torch.float64)
             m = acc.mean(0)
             s = acc.std(0) if acc.shape[0] > 1 else torch.zeros_like(m)
-            (line,) = ax.plot(steps, 100 * m, label=_label(arm, task))
-            ax.fill_between(steps, 100 * (m - s), 100 * (m + s), color=line.get_color(), alpha=0.15)
+            color = f"C{ALL_ARMS.index(arm)}"  # one colour per arm across panels
+            ax.plot(steps, 100 * m, label=_label(arm, task), color=color)
+            ax.fill_between(steps, 100 * (m - s), 100 * (m + s), color=color, alpha=0.15)
         chance = next((r["chance"] for r in runs if r["task"] == task.name), None)
         if chance is not None:
             ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
@@ -455,7 +529,13 @@ def run_demo(
     if workers is None:
         workers = 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
     jobs = [
-        dict(task=asdict(t), arm=arm, seed=s, device=device, threads=1 if workers > 1 else max(1, torch.get_num_threads()))
+        dict(
+            task=asdict(t),
+            arm=arm,
+            seed=s,
+            device=device,
+            threads=1 if workers > 1 else max(1, torch.get_num_threads()),
+        )
         for t in task_cfgs
         for s in range(n_seeds)
         for arm in t.arms
@@ -469,13 +549,16 @@ def run_demo(
     def done(r):
         runs.append(r)
         if bar is not None:
-            bar.set_postfix_str(f"{r['task']}/{r['arm']}/seed{r['seed']}: test acc {100 * r['final']['test_acc']:.1f}%")
+            bar.set_postfix_str(
+                f"{r['task']}/{r['arm']}/seed{r['seed']}: test acc {100 * r['final']['test_acc']:.1f}%"
+            )
             bar.update(1)
         elif progress:
             print(
                 f"[{len(runs)}/{len(jobs)}] {r['task']} {r['arm']} seed {r['seed']}: "
                 f"test acc {100 * r['final']['test_acc']:.1f}% ({r['seconds']:.0f} s)",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
 
     if workers > 1 and len(jobs) > 1:
@@ -495,8 +578,11 @@ def run_demo(
     os.makedirs(out, exist_ok=True)
     elapsed = time.perf_counter() - t_start
     result = dict(
-        command=" ".join(["python -m fastguide demo"] + sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "run_demo()",
+        command=" ".join(["python -m fastguide demo"] + sys.argv[2:])
+        if sys.argv[1:2] == ["demo"]
+        else "run_demo()",
         machine=machine_line(device),
+        fastguide=code_version(),
         workers=workers,
         seeds=n_seeds,
         elapsed_seconds=elapsed,
@@ -513,7 +599,10 @@ def run_demo(
     if verbose:
         print(format_table(rows))
         print(f"\nmachine: {result['machine']}")
-        print(f"{n_seeds} seed(s), {workers} worker process(es), {elapsed:.0f} s; wrote {json_path} and {png_path}")
+        print(
+            f"{n_seeds} seed(s), {workers} worker process(es), {elapsed:.0f} s; "
+            f"wrote {json_path} and {png_path}"
+        )
     return result
 
 
@@ -523,4 +612,3 @@ def _json_default(o):
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
     return str(o)
-

@@ -17,10 +17,12 @@ def layer_activations(model: nn.Module, x: torch.Tensor) -> tuple[list[str], lis
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, AUTO_TYPES):
+
             def hook(mod, inp, out, name=name):
                 t = first_tensor(out)
                 if t is not None and name not in acts:
                     acts[name] = t.detach()
+
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -37,7 +39,9 @@ def _models_and_data(a: str, b: str, n: int, seed: int):
 
     image = {"fcn", "resnet"}
     if (a in image) != (b in image):
-        raise ValueError(f"--a and --b must both be image models (fcn, resnet) or both sequence models; got {a}, {b}")
+        raise ValueError(
+            f"--a and --b must both be image models (fcn, resnet) or both sequence models; got {a}, {b}"
+        )
     if a in image:
         data = tasks.digits(n_train=min(n, 1700), seed=seed)
         x, y = data.x_train, data.y_train
@@ -94,8 +98,18 @@ def run_heatmap(
     nb, xb = layer_activations(mb, x)
     mat = fastguide.cka_matrix(xa, xb, estimator=estimator, kernel=kernel).detach().cpu()
     os.makedirs(out, exist_ok=True)
-    result = dict(model_a=a, model_b=b, layers_a=na, layers_b=nb, n=int(x.shape[0]), estimator=estimator,
-                  kernel=kernel, train_steps=train_steps, seed=seed, cka=mat.tolist())
+    result = dict(
+        model_a=a,
+        model_b=b,
+        layers_a=na,
+        layers_b=nb,
+        n=int(x.shape[0]),
+        estimator=estimator,
+        kernel=kernel,
+        train_steps=train_steps,
+        seed=seed,
+        cka=mat.tolist(),
+    )
     with open(os.path.join(out, "heatmap.json"), "w") as f:
         json.dump(result, f, indent=1)
     import matplotlib

@@ -135,7 +135,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU()
         stages = []
         prev = w0
-        for i, (nb, w) in enumerate(zip(blocks, widths)):
+        for i, (nb, w) in enumerate(zip(blocks, widths, strict=True)):
             stride = 1 if i == 0 else 2
             stage = []
             for b in range(nb):
