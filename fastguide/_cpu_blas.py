@@ -231,13 +231,17 @@ def _mirror_lower_(C: torch.Tensor, tile: int = 256) -> torch.Tensor:
     return C
 
 
-def sym_gram(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def sym_gram(
+    x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None, centring_only: bool = False
+) -> torch.Tensor:
     """``K = (x - shift)(x - shift)^T`` in ``shift.dtype`` (the accumulation dtype), full (n, n).
 
     ``x`` is (n, d) of any float dtype and strides; ``shift`` is (d,) in the accumulation dtype, the
     mean of the first ``min(n, 32)`` rows (``_torch_backend.shift_of``). ``out`` (optional, (n, n) of
     ``shift.dtype``) receives the result. No autograd: callers use it for the forward statistics
-    (analytic backward) only.
+    (analytic backward) only. ``centring_only=True`` (the caller only uses ``H K H``, ``U(K)`` or
+    pairwise distances, which are exactly invariant to the rank-2 shift terms ``a 1^T + 1 a^T``): the raw
+    route may return the raw Gram without applying that correction (two passes over K fewer).
 
     Raw route (CPU, C-contiguous x already in the accumulation dtype, offset small against the spread:
     ``RHO_MAX``, checked on the first rows before and exactly after): the product of the raw x with no
@@ -268,9 +272,12 @@ def sym_gram(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = No
         m0 = min(n, SHIFT_ROWS)
         v = K[:, :m0].mean(dim=1)  # x mu
         u = v - 0.5 * v[:m0].mean()  # x mu - mu^T mu / 2
-        K.sub_(u.unsqueeze(1)).sub_(u.unsqueeze(0))
-        # Exact check of the offset ratio on all rows (the first rows could be unrepresentative).
-        if float(n * shift.square().sum()) <= RHO_MAX * float(K.diagonal().sum()):
+        # tr of the shifted Gram = tr(K_raw) - 2 sum(u); exact check of the offset ratio on all rows
+        # (the first rows could be unrepresentative).
+        tr_shifted = float(K.diagonal().sum() - 2.0 * u.sum())
+        if float(n * shift.square().sum()) <= RHO_MAX * tr_shifted:
+            if not centring_only:
+                K.sub_(u.unsqueeze(1)).sub_(u.unsqueeze(0))
             return K
     step = _chunk_cols(n, d)
     if not use_syrk:

@@ -104,7 +104,7 @@ def gram_fwd(
     C = torch.empty((len(xs), n, n), dtype=dt, device=dev)
     for l, x in enumerate(xs):
         # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x).
-        sym_gram(x, shift_of(x), out=C[l])
+        sym_gram(x, shift_of(x), out=C[l], centring_only=True)  # only H K H / U(K) / distances use it
     thr = torch.stack([degenerate_threshold(x).to(dt) for x in xs])
     if kernel == "linear":
         C, t = center_gram_(C, estimator)
