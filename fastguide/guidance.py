@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .functional import _check_options
+
 __all__ = ["Guidance", "align", "AlignHistory", "AUTO_TYPES", "auto_pairs", "first_tensor"]
 
 #: Module types that ``layers="auto"`` hooks (the paper's code), in execution order; the last is dropped.
@@ -192,14 +194,7 @@ class Guidance:
             raise TypeError(
                 f"weight must be a number or a callable weight(step); got {type(weight).__name__}"
             )
-        for name, value, allowed in (
-            ("estimator", estimator, ("unbiased", "biased")),
-            ("kernel", kernel, ("linear", "rbf")),
-            ("backend", backend, ("auto", "torch", "triton")),
-            ("tokens", tokens, ("flatten", "mean", "samples")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        _check_options(estimator, kernel, backend, tokens, "gram", sigma)
 
         target_params = {id(p) for p in target.parameters()}
         shared = [n for n, p in guide.named_parameters() if id(p) in target_params]
