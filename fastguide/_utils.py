@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Sequence
 
 import torch
@@ -71,14 +72,16 @@ def check_layers(layers: Sequence[torch.Tensor], names: Sequence[str], estimator
     """Agreement checks across the 2-D layer views: same n, same device, n large enough."""
     n0 = layers[0].shape[0]
     dev0 = layers[0].device
-    for x, name in zip(layers, names):
+    for x, name in zip(layers, names, strict=True):
         if x.shape[0] != n0:
             raise ValueError(
                 f"all layers must have the same number of examples n; {names[0]} has n={n0} "
                 f"but {name} has n={x.shape[0]}"
             )
         if x.device != dev0:
-            raise ValueError(f"all layers must be on one device; {names[0]} is on {dev0}, {name} on {x.device}")
+            raise ValueError(
+                f"all layers must be on one device; {names[0]} is on {dev0}, {name} on {x.device}"
+            )
     need = min_examples(estimator)
     if n0 < need:
         raise ValueError(
@@ -95,3 +98,16 @@ def triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and interpreting()
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's processor/machine string elsewhere)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name

@@ -49,6 +49,7 @@ from torch import nn
 
 import fastguide
 from fastguide import _reference as R
+from fastguide._utils import cpu_name
 
 __all__ = [
     "main",
@@ -198,16 +199,7 @@ def reference_loss_grads(xs, ys, pairs, estimator: str):
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
 
 
 def env_info(device: torch.device) -> dict:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._utils import cpu_name
+
 ALL_ARMS = (
     "baseline",
     "guided_untrained",
@@ -335,15 +337,7 @@ def _init_worker(threads: int) -> None:
 
 
 def machine_line(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.cuda.get_device_name(torch.device(device))
