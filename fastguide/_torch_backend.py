@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu_blas import shifted_matmul, sym_gram
+from ._cpu_blas import gram_stack, shifted_matmul, sym_gram
 from ._utils import acc_dtype, hsic_norm
 
 SHIFT_ROWS = 32
@@ -38,10 +38,14 @@ def shifted(x: torch.Tensor) -> torch.Tensor:
     return x.to(acc_dtype(x.dtype)) - shift_of(x)
 
 
-def degenerate_threshold(x: torch.Tensor) -> torch.Tensor:
-    """``(4 eps)^2 ||x||_F^2`` of the raw input, eps of the input dtype (DESIGN.md section 3)."""
+def degenerate_threshold(x: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``(4 eps)^2 ||x||_F^2`` of the raw input, eps of the input dtype (DESIGN.md section 3).
+
+    ``sq``: ``||x||_F^2`` when the caller already has it (e.g. the trace of the raw Gram).
+    """
     eps = torch.finfo(x.dtype).eps
-    sq = torch.linalg.vector_norm(x, dtype=acc_dtype(x.dtype)).square()
+    if sq is None:
+        sq = torch.linalg.vector_norm(x, dtype=acc_dtype(x.dtype)).square()
     return (4.0 * eps) ** 2 * sq
 
 
@@ -94,18 +98,26 @@ def gram_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,)).
 
-    One Gram per layer (symmetric product, written into its slot of the stack), then centring,
-    normalisation and self-HSICs batched over the whole stack.
+    One Gram per layer (symmetric product, written into its slot of the stack; on CPU several layers
+    at once, one per core: :func:`_cpu_blas.gram_stack`), then centring, normalisation and self-HSICs
+    batched over the whole stack.
     """
     n = xs[0].shape[0]
     N = hsic_norm(n, estimator)
     dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     dev = xs[0].device
     C = torch.empty((len(xs), n, n), dtype=dt, device=dev)
-    for l, x in enumerate(xs):
-        # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x).
-        sym_gram(x, shift_of(x), out=C[l], centring_only=True)  # only H K H / U(K) / distances use it
-    thr = torch.stack([degenerate_threshold(x).to(dt) for x in xs])
+    # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x); only
+    # H K H / U(K) / distances use it (centring_only). ||x||^2 for the degeneracy threshold comes from
+    # the raw Gram's trace when the raw route ran (no extra pass over x).
+    sq = gram_stack(xs, lambda x: shift_of(x).to(dt), C)
+    if sq is None:
+        sqs: list = []
+        for l, x in enumerate(xs):
+            sym_gram(x, shift_of(x).to(dt), out=C[l], centring_only=True, sq=sqs)
+        sq = torch.stack(sqs).to(dt)
+    eps4 = torch.tensor([(4.0 * torch.finfo(x.dtype).eps) ** 2 for x in xs], dtype=dt, device=dev)
+    thr = eps4 * sq
     if kernel == "linear":
         C, t = center_gram_(C, estimator)
         # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.

@@ -64,3 +64,25 @@ def _nan_poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _empty)
     monkeypatch.setattr(torch, "empty_like", _empty_like)
     yield
+
+
+@pytest.fixture(params=["serial", "layer-parallel"])
+def cpu_gram_mode(request, monkeypatch):
+    """Run a test under both CPU Gram schedules: layers one after another on all threads, and the
+    layer-parallel pool (``_cpu_blas.gram_stack``), forced on for any size with at least 2 threads."""
+    from fastguide import _cpu_blas
+
+    if request.param == "serial":
+        monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "0")
+        yield request.param
+        return
+    if not _cpu_blas._omp_set_num_threads():
+        pytest.skip("torch does not run on OpenMP here: no layer-parallel path")
+    monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "1")
+    monkeypatch.setattr(_cpu_blas, "PARALLEL_MIN_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(threads)

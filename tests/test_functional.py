@@ -10,6 +10,9 @@ from helpers import CKA_ATOL, GRAD_RTOL, assert_close_verbose, assert_grad_close
 import fastguide as fg
 from fastguide import _reference as R
 
+# Every test here runs under both CPU Gram schedules (serial, layer-parallel): see conftest.
+pytestmark = pytest.mark.usefixtures("cpu_gram_mode")
+
 ESTIMATORS = ["unbiased", "biased"]
 ROUTES = ["gram", "feature"]
 

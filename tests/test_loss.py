@@ -6,6 +6,9 @@ from helpers import assert_grad_close
 
 import fastguide as fg
 
+# Every test here runs under both CPU Gram schedules (serial, layer-parallel): see conftest.
+pytestmark = pytest.mark.usefixtures("cpu_gram_mode")
+
 
 def _acts(n=20):
     t = [torch.randn(n, d, requires_grad=True) for d in (6, 9, 4)]

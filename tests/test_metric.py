@@ -10,6 +10,9 @@ import torch.multiprocessing as mp
 import fastguide as fg
 from fastguide import _reference as R
 
+# Every test here runs under both CPU Gram schedules (serial, layer-parallel): see conftest.
+pytestmark = pytest.mark.usefixtures("cpu_gram_mode")
+
 
 def _batches(sizes, dims=(6, 10), seed=0):
     g = torch.Generator().manual_seed(seed)
