@@ -492,11 +492,11 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
     ]
     pool = _layer_pool(torch.get_num_threads())
     inference = torch.is_inference_mode_enabled()
-    futs = [
-        pool.submit(_in_worker, inference, x, out[l], shift_fn, fn, e)
-        for l, (x, e) in enumerate(zip(xs, eligible, strict=True))
-    ]
-    res = [f.result() for f in futs]
+    # Largest products first (longest-processing-time order): the pool's FIFO queue then balances
+    # the cores when layer sizes differ (e.g. a guide's 16384-wide maps next to 1024-wide layers).
+    order = sorted(range(L), key=lambda l: -xs[l].shape[1])
+    futs = {l: pool.submit(_in_worker, inference, xs[l], out[l], shift_fn, fn, eligible[l]) for l in order}
+    res = [futs[l].result() for l in range(L)]
     sqs = [r[1] for r in res]
     diag = out.diagonal(dim1=-2, dim2=-1)
     if any(r[0] for r in res):
