@@ -131,6 +131,26 @@ def test_fp32_scale_invariance(scale, estimator, route):
     assert_close_verbose(got, ref, CKA_ATOL[torch.float32], f"scale {scale}")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_fp32_large_n_pair_products_stay_accurate(estimator):
+    """n = 1024: the pair inner products run over n^2 = 1M terms. One fp32 BLAS GEMM over them (few
+    pairs) was off by 3e-5 in CKA (2e-4 at n = 2048, where a layer's CKA with itself came out 0.99977).
+    Reference: the same op in float64 (checked against the oracle at small n by the other tests; the
+    O(n^3) oracle itself is too slow at this n)."""
+    n = 1024
+    base = torch.randn(n, 8, dtype=torch.float64)
+    xs = [
+        base @ torch.randn(8, 48, dtype=torch.float64) + 0.3 * torch.randn(n, 48, dtype=torch.float64)
+        for _ in range(3)
+    ]
+    want = fg.cka_matrix(xs, estimator=estimator, route="gram")
+    xs32 = [x.float() for x in xs]
+    got = fg.cka_matrix(xs32, estimator=estimator, route="gram")
+    assert_close_verbose(got, want, CKA_ATOL[torch.float32], "cka_matrix n=1024")
+    pairs = fg.cka_pairs(xs32[:2], xs32[1:], [(0, 0), (1, 1), (0, 1)], estimator=estimator, route="gram")
+    assert_close_verbose(pairs, torch.stack([want[0, 1], want[1, 2], want[0, 2]]), 1e-5, "cka_pairs n=1024")
+
+
 def test_fp32_conv_sized_layer_at_1e6_does_not_overflow():
     # Without the Gram normalisation one HSIC term overflows fp32 at this scale and width.
     n, d = 16, 200_000
@@ -154,9 +174,7 @@ def test_large_offsets(estimator, route):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize(
-    "bad", ["zero", "constant", "constant_3333", "dead_relu", "jitter"], ids=lambda s: s
-)
+@pytest.mark.parametrize("bad", ["zero", "constant", "constant_3333", "dead_relu", "jitter"], ids=lambda s: s)
 def test_degenerate_layers_give_zero_and_zero_grad(bad, estimator, route):
     n, d = 16, 12
     if bad == "zero":
@@ -298,7 +316,9 @@ def test_gradcheck_fp64(estimator, route):
     y = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
 
     def f(a, b, c):
-        return fg.cka_pairs([a, b], [c, a], [(0, 0), (1, 0), (1, 1), (0, 1)], estimator=estimator, route=route)
+        return fg.cka_pairs(
+            [a, b], [c, a], [(0, 0), (1, 0), (1, 1), (0, 1)], estimator=estimator, route=route
+        )
 
     assert torch.autograd.gradcheck(f, (*xs, y))
     assert torch.autograd.gradgradcheck is not None
@@ -310,7 +330,9 @@ def test_gradcheck_rbf_and_matrix(estimator):
     assert torch.autograd.gradcheck(
         lambda a, b: fg.cka_matrix([a, b], estimator=estimator, kernel="rbf", sigma=2.0), tuple(xs)
     )
-    assert torch.autograd.gradcheck(lambda a, b: fg.cka_matrix([a, b], [b, a], estimator=estimator), tuple(xs))
+    assert torch.autograd.gradcheck(
+        lambda a, b: fg.cka_matrix([a, b], [b, a], estimator=estimator), tuple(xs)
+    )
 
 
 def test_precomputed_layer_stats_give_same_values_and_target_grads():
@@ -375,7 +397,11 @@ def test_backward_saves_only_inputs_grams_and_vectors():
         (lambda: fg.cka(torch.randn(0, 3), torch.randn(0, 3)), ValueError, "empty"),
         (lambda: fg.cka(torch.ones(8, 3, dtype=torch.int64), torch.randn(8, 3)), TypeError, "floating dtype"),
         (lambda: fg.cka(torch.ones(8, 3, dtype=torch.bool), torch.randn(8, 3)), TypeError, "x must have"),
-        (lambda: fg.cka(torch.randn(8, 3), torch.randn(8, 3, dtype=torch.complex64)), TypeError, "y must have"),
+        (
+            lambda: fg.cka(torch.randn(8, 3), torch.randn(8, 3, dtype=torch.complex64)),
+            TypeError,
+            "y must have",
+        ),
         (lambda: fg.cka(torch.randn(8, 3), torch.randn(8, 3, device="meta")), ValueError, "one device"),
         (lambda: fg.cka(torch.randn(8, 3), torch.randn(8, 3), estimator="unbiasd"), ValueError, "estimator"),
         (lambda: fg.cka(torch.randn(8, 3), torch.randn(8, 3), kernel="poly"), ValueError, "kernel"),
@@ -387,12 +413,18 @@ def test_backward_saves_only_inputs_grams_and_vectors():
         (lambda: fg.cka([1, 2], torch.randn(8, 3)), TypeError, "x must be a torch.Tensor"),
         (lambda: fg.cka_matrix(torch.randn(8, 3)), TypeError, "xs must be a list"),
         (lambda: fg.cka_matrix([]), ValueError, "xs must hold"),
-        (lambda: fg.cka_pairs([torch.randn(8, 3)], [torch.randn(8, 3)], [(0, 1)]), IndexError, "out of range"),
+        (
+            lambda: fg.cka_pairs([torch.randn(8, 3)], [torch.randn(8, 3)], [(0, 1)]),
+            IndexError,
+            "out of range",
+        ),
         (lambda: fg.cka_pairs([torch.randn(8, 3)], [torch.randn(8, 3)], [(0,)]), TypeError, "(i, j)"),
         (lambda: fg.cka_pairs([torch.randn(8, 3)], [torch.randn(8, 3)], []), ValueError, "pairs must not"),
         (lambda: fg.cka_pairs([torch.randn(8, 3)] * 2, [torch.randn(8, 3)]), ValueError, "pairs=None"),
         (
-            lambda: fg.cka_pairs([torch.randn(8, 3)], [fg.layer_stats(torch.randn(8, 3), estimator="biased")]),
+            lambda: fg.cka_pairs(
+                [torch.randn(8, 3)], [fg.layer_stats(torch.randn(8, 3), estimator="biased")]
+            ),
             ValueError,
             "estimator",
         ),
