@@ -120,6 +120,136 @@ def syrk_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _load()
 
 
+_OPENBLAS: dict | None = None
+
+
+def _load_openblas() -> dict:
+    """``{dtype: syrk, "local": set_num_threads_local}`` from SciPy's OpenBLAS, verified; or {}.
+
+    Used only by the single-threaded layer-parallel workers (:func:`gram_stack`): on the development
+    machine (AMD EPYC) OpenBLAS's single-threaded ``ssyrk`` took 1.05 / 1.89 / 15.7 ms at n = 256,
+    d = 1024 / 2048 / 16384 against MKL's 1.22 / 2.42 / 21.9 ms (torch's MKL runs a generic code path
+    on AMD CPUs). OpenBLAS >= 0.3.27's ``openblas_set_num_threads_local`` makes each worker's calls
+    single-threaded without touching the process-wide setting, so no OpenBLAS thread ever competes with
+    torch's OpenMP threads (the thread fight of DESIGN.md section 6 cannot happen). Called through
+    ctypes (the GIL is released during the product; SciPy's f2py wrappers keep it). Off with
+    ``FASTGUIDE_CPU_OPENBLAS=0``; missing SciPy, symbols or a failed self-test leave MKL's ``syrk``.
+    """
+    global _OPENBLAS
+    if _OPENBLAS is not None:
+        return _OPENBLAS
+    with _lock:
+        if _OPENBLAS is not None:
+            return _OPENBLAS
+        found: dict = {}
+        if os.environ.get("FASTGUIDE_CPU_OPENBLAS", "1") != "0":
+            try:
+                import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS)
+                from threadpoolctl import threadpool_info
+
+                paths = [i["filepath"] for i in threadpool_info() if i.get("internal_api") == "openblas"]
+            except Exception:  # pragma: no cover - depends on the install
+                paths = []
+            for path in sorted(paths, key=lambda p: "scipy.libs" not in p):  # SciPy's own library first
+                try:
+                    lib = ctypes.CDLL(path)
+                except OSError:  # pragma: no cover
+                    continue
+                local = _symbol(
+                    lib, ["openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local"]
+                )
+                if local is None:
+                    continue
+                local.restype = ctypes.c_int
+                local.argtypes = [ctypes.c_int]
+                for dt, c in ((torch.float32, "s"), (torch.float64, "d")):
+                    fn = _symbol(lib, _names(f"{c}syrk_"))
+                    if fn is not None:
+                        fn.restype = None
+                        if _self_test(fn, dt):
+                            found[dt] = fn
+                    # Mirror in BLAS too (omatcopy transpose + LAPACK lacpy of one triangle): a torch-op
+                    # mirror in two workers at once costs ~0.3 ms a 256 x 256 Gram (GIL, TensorIterator).
+                    om, la = _symbol(lib, _names(f"{c}omatcopy_")), _symbol(lib, _names(f"{c}lacpy_"))
+                    if dt in found and om is not None and la is not None:
+                        om.restype = la.restype = None
+                        if _mirror_self_test(om, la, dt):
+                            found[("mirror", dt)] = (om, la)
+                if found:
+                    found["local"] = local
+                    break
+        _OPENBLAS = found
+        return found
+
+
+def _names(base: str) -> list[str]:
+    return [f"scipy_{base}", base, f"scipy_{base}64_", f"{base}64_"]
+
+
+def _blas_mirror(fns, K: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Row-major lower triangle of the (n, n) C-contiguous K copied onto its upper one, in BLAS.
+
+    ``omatcopy`` writes K^T into ``scratch`` (its row-major upper triangle is K's lower one), then
+    LAPACK ``lacpy('L')`` (column-major lower = row-major upper) copies that triangle back into K.
+    """
+    om, la = fns
+    n = K.shape[0]
+    real = ctypes.c_double if K.dtype == torch.float64 else ctypes.c_float
+    i64, one = ctypes.c_int64, ctypes.c_size_t(1)
+    nn = ctypes.byref(i64(n))
+    om(
+        ctypes.byref(ctypes.c_char(b"C")),
+        ctypes.byref(ctypes.c_char(b"T")),
+        nn,
+        nn,
+        ctypes.byref(real(1.0)),
+        ctypes.c_void_p(K.data_ptr()),
+        nn,
+        ctypes.c_void_p(scratch.data_ptr()),
+        nn,
+    )
+    la(
+        ctypes.byref(ctypes.c_char(b"L")),
+        nn,
+        nn,
+        ctypes.c_void_p(scratch.data_ptr()),
+        nn,
+        ctypes.c_void_p(K.data_ptr()),
+        nn,
+        one,  # hidden Fortran length of the character argument
+    )
+
+
+def _mirror_self_test(om, la, dt: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(37, 37, generator=g, dtype=dt)
+    want = K.tril() + K.tril(-1).T
+    try:
+        _blas_mirror((om, la), K, torch.empty_like(K))
+    except Exception:  # pragma: no cover - depends on the library
+        return False
+    return bool(torch.equal(K, want))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread (n, n) buffer for the mirror (n <= 1024: at most 4 MiB fp32 kept per thread)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.shape[0] != n or buf.dtype != dtype:
+        buf = _SCRATCH.buf = torch.empty((n, n), dtype=dtype)
+    return buf
+
+
+def _symbol(lib, names: list[str]):
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            return fn
+    return None
+
+
 _MASKS: dict[int, torch.Tensor] = {}
 
 
@@ -219,9 +349,16 @@ def _mirror_lower_(C: torch.Tensor, tile: int = 256) -> torch.Tensor:
     """Copy the lower triangle of a row-major (n, n) C onto its upper one, in place, tile by tile.
 
     Tiles keep the transposed reads in cache; a whole-matrix ``torch.where(mask, C.T, C)`` measured
-    4.4 ms at n = 1024 against 2.9 ms here, and this allocates nothing but one tile.
+    4.4 ms at n = 1024 against 2.9 ms here, and this allocates nothing but one tile. For
+    64 <= n <= 1024 with SciPy's OpenBLAS present, two BLAS/LAPACK calls through a per-thread scratch
+    instead (:func:`_blas_mirror`; no GIL, no torch dispatch: the torch-op mirror measured ~0.3 ms a
+    256 x 256 Gram with two workers mirroring at once, ~20 % of the Gram phase).
     """
     n = C.shape[0]
+    fns = _load_openblas().get(("mirror", C.dtype)) if 64 <= n <= 1024 and C.is_contiguous() else None
+    if fns is not None:
+        _blas_mirror(fns, C, _scratch(n, C.dtype))
+        return C
     for i0 in range(0, n, tile):
         i1 = min(n, i0 + tile)
         d = C[i0:i1, i0:i1]
@@ -388,13 +525,17 @@ def _omp_set_num_threads():
 
 def _single_thread() -> None:
     # OpenMP's nthreads ICV is per thread: this makes torch ops and MKL calls made from the worker
-    # single-threaded without touching the caller's setting.
+    # single-threaded without touching the caller's setting; likewise OpenBLAS's thread-local count.
     _omp_set_num_threads()(1)
+    local = _load_openblas().get("local")
+    if local is not None:
+        local(1)
 
 
 def _layer_pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     key = (os.getpid(), workers)  # a forked child gets its own pool
+    _load_openblas()  # before the workers start (their initializer sets its thread-local count)
     if _POOL is None or _POOL[0] != key:
         with _lock:
             if _POOL is None or _POOL[0] != key:
@@ -484,7 +625,7 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
     acc = out.dtype
     if not out.is_contiguous() or not _parallel(out.device, L, float(n * n * sum(x.shape[1] for x in xs))):
         return None
-    fn = _load().get(acc)
+    fn = _load_openblas().get(acc) or _load().get(acc)
     xs = [x.detach() for x in xs]
     m0 = min(n, SHIFT_ROWS)
     eligible = [
@@ -508,7 +649,7 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
         tr_shifted = diag.sum(-1) - 2.0 * (v.sum(-1) - 0.5 * n * mu2)
         good = (n * mu2 <= RHO_MAX * tr_shifted).tolist()  # NaN: recomputed (and propagated)
         for l, (raw, _) in enumerate(res):
-            if raw and not good[l]:
-                sqs[l] = _gram_worker(xs[l], out[l], shift_fn, fn, False)[1]
+            if raw and not good[l]:  # on this thread: MKL (OpenBLAS would start its own threads here)
+                sqs[l] = _gram_worker(xs[l], out[l], shift_fn, _load().get(acc), False)[1]
     tr = diag.sum(-1)
     return torch.stack([tr[l] if sqs[l] is None else sqs[l] for l in range(L)])

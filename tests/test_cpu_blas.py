@@ -111,3 +111,38 @@ def test_pool_is_per_process(monkeypatch):
     pid = os.getpid()
     monkeypatch.setattr(cb.os, "getpid", lambda: pid + 1)
     assert cb._layer_pool(2) is not a
+
+
+@pytest.mark.parametrize("n", [64, 100, 257, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mirror_fills_upper_triangle_exactly(n, dtype):
+    K = torch.randn(n, n, dtype=dtype)
+    want = K.tril() + K.tril(-1).T
+    cb._mirror_lower_(K)
+    assert torch.equal(K, want)
+
+
+@needs_pool
+def test_gram_stack_same_with_mkl_only(forced_parallel, monkeypatch):
+    """SciPy's OpenBLAS (syrk, mirror) and the MKL fallback give the same centred Grams."""
+    xs = _mixed_layers()
+    n = xs[0].shape[0]
+    a = torch.empty(len(xs), n, n)
+    cb.gram_stack(xs, tb.shift_of, a)
+    monkeypatch.setattr(cb, "_OPENBLAS", {})
+    b = torch.empty(len(xs), n, n)
+    cb.gram_stack(xs, tb.shift_of, b)
+    for l in range(len(xs)):
+        ref = _centre(b[l])
+        assert ((_centre(a[l]) - ref).norm() / ref.norm()).item() <= 1e-6, f"layer {l}"
+
+
+def test_openblas_is_found_when_scipy_ships_it():
+    pytest.importorskip("scipy")
+    found = cb._load_openblas()
+    if os.environ.get("FASTGUIDE_CPU_OPENBLAS") == "0":
+        assert found == {}
+        return
+    if not found:
+        pytest.skip("this SciPy's OpenBLAS lacks openblas_set_num_threads_local (needs >= 0.3.27)")
+    assert torch.float32 in found and "local" in found
