@@ -495,7 +495,7 @@ def shifted_matmul(
 #: Below this much work per call (sum of n^2 d over the layers) the layers run one after another.
 PARALLEL_MIN_WORK = 1 << 24
 #: Layers with n^2 d below this skip the first-rows pre-check of the raw route in the workers.
-PRECHECK_MIN_WORK = 1 << 27
+PRECHECK_MIN_WORK = 1 << 28
 
 _POOL: tuple | None = None  # ((pid, workers), ThreadPoolExecutor)
 _OMP_SET = None
@@ -572,9 +572,9 @@ def _gram_worker(x: torch.Tensor, K: torch.Tensor, shift_fn, fn, eligible: bool)
     """
     n, d = x.shape
     if eligible:
-        # Below PRECHECK_MIN_WORK the pre-check's fixed cost (0.13 ms a layer in a worker, ~10 % of a
-        # 256 x 1024 Gram) outweighs what it saves: the exact check after the product still catches a
-        # large offset, at the price of one wasted product for that layer.
+        # Below PRECHECK_MIN_WORK the pre-check's fixed cost (0.13 ms a layer in a worker: ~10 % of a
+        # 256 x 1024 Gram, ~7 % at 256 x 2048) outweighs what it saves: the exact check after the
+        # product still catches a large offset, at the price of one wasted product for that layer.
         ok = True
         if n * n * d >= PRECHECK_MIN_WORK:
             m0 = min(n, SHIFT_ROWS)

@@ -75,7 +75,9 @@ def center_gram_(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.T
     return K, t
 
 
-def rbf_from_linear(K: torch.Tensor, sigma: float | None, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rbf_from_linear(
+    K: torch.Tensor, sigma: float | None, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RBF Gram ``exp(-||xi - xj||^2 / (2 sigma^2))`` from the linear Gram of shifted features.
 
     ``sigma=None`` uses the median heuristic of Kornblith et al. 2019: ``sigma^2`` = median of all
@@ -136,9 +138,12 @@ def gram_fwd(
         ok = ok & ~(t <= 0)
     s = torch.where(ok, t / n, torch.ones_like(t))
     C.div_(s[:, None, None])
-    # Cascade-summed squares per layer: CPU vector_norm loses ~2e-5 relative over 1M fp32 entries
-    # (n = 1024; CKA error 3e-5 > 1e-5), and a batched mul-sum or vecdot allocates a copy of the stack.
-    h = torch.stack([(c * c).sum() for c in C]) / N
+    # Cascade-summed squares: CPU vector_norm loses ~2e-5 relative over 1M fp32 entries (n = 1024; CKA
+    # error 3e-5 > 1e-5) and a BLAS dot far more; a mul-sum over the whole stack would allocate a copy of
+    # it, so a few layers at a time (a transient of at most 2 MiB fp32, or one layer).
+    step = max(1, (1 << 19) // (n * n))
+    h = torch.cat([(C[i : i + step] * C[i : i + step]).sum(dim=(-2, -1)) for i in range(0, len(xs), step)])
+    h = h / N
     ok = ok & ~(h <= 0)
     return C, s, ok, h, sig
 
@@ -190,7 +195,8 @@ def block_dots(
             vals = (A[0] * B[0]).sum().reshape(1)
         else:
             M = flat_dots(A, B)
-            flat = torch.tensor([(a - i0) * (j1 - j0) + (b - j0) for a, b in zip(li, lj)], device=M.device)
+            flat = [(a - i0) * (j1 - j0) + (b - j0) for a, b in zip(li, lj, strict=True)]
+            flat = torch.tensor(flat, device=M.device)
             vals = M.flatten().index_select(0, flat)
         pieces.append(vals)
         order.extend(ps)
@@ -246,10 +252,12 @@ def pair_weights(
     return W.view(L, L) / N
 
 
-def grad_from_terms(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def grad_from_terms(
+    x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """``dX = (2 / s) (sum_k w_k C_k) X^`` for one layer (G formed explicitly, one n^2 d GEMM)."""
     G = w[0] * Cs[0]
-    for wk, Ck in zip(w[1:], Cs[1:]):
+    for wk, Ck in zip(w[1:], Cs[1:], strict=True):
         G.addcmul_(Ck, wk)  # in place: one n x n buffer however many partners
     return shifted_matmul(G, x, shift_of(x), 2.0 / s, x.dtype)
 
