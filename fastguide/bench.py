@@ -296,58 +296,64 @@ def _rss_kib(field: str) -> int:
     raise OSError(field)
 
 
-def _cpu_peak_rss(runner: Runner, state) -> int:
+def _cpu_peak_rss(runner: Runner, repeats: int) -> int:
     """Peak resident memory above the level at call start (Linux): VmHWM after resetting it.
 
     glibc is told to serve every block of >= 128 KiB by its own mapping (``mallopt``) during the
-    call, so freed tensors leave the resident set at once and the high-water mark is the true peak
-    of live tensors (to page granularity); afterwards the threshold is set to glibc's dynamic maximum.
+    measurement, so freed tensors leave the resident set at once and the high-water mark is the true
+    peak of live memory (to page granularity); afterwards the threshold is set to glibc's dynamic
+    maximum. One unmeasured run under the same setting comes first, so that buffers a library keeps
+    between calls (BLAS workspaces, per-thread malloc arenas of worker threads) are in place as in
+    steady-state training and only what a call allocates and frees again is counted; then the
+    smallest of ``repeats`` measured runs (every run allocates the same tensors; noise only adds).
     """
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
     M_MMAP_THRESHOLD = -3
     libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    libc.malloc_trim(0)
+    vals = []
     try:
-        base = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        runner.run(state)
-        peak = _rss_kib("VmHWM")
+        for k in range(repeats + 1):
+            state = runner.prepare()
+            try:
+                libc.malloc_trim(0)
+                base = _rss_kib("VmRSS")
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+                runner.run(state)
+                if k:
+                    vals.append(max(0, _rss_kib("VmHWM") - base) * 1024)
+            finally:
+                runner.finish(state)
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    return max(0, peak - base) * 1024
+    return min(vals)
 
 
 def peak_memory(runner: Runner, device: torch.device, repeats: int = 3) -> int | None:
     """Peak bytes allocated above the level at call start during one ``run`` (after ``prepare``).
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU (Linux): the resident-set high-water mark
-    (:func:`_cpu_peak_rss`); the profiler's memory records were not usable for this, as they net the
-    frees inside an op against its allocations and report them when the op ends. The resident set
-    also picks up unrelated growth (malloc arenas, lazily touched pages): the same run measured
-    4.4-5.4 MB on the W1 loss, so on CPU the smallest of ``repeats`` runs is reported (every run
-    allocates the same tensors; noise only adds).
+    (:func:`_cpu_peak_rss`, smallest of ``repeats`` runs after one warm-up run); the profiler's memory
+    records were not usable for this, as they net the frees inside an op against its allocations and
+    report them when the op ends.
     """
-    vals = []
-    for _ in range(1 if device.type == "cuda" else repeats):
+    try:
+        if device.type != "cuda":
+            return _cpu_peak_rss(runner, repeats)
         state = runner.prepare()
         try:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                runner.run(state)
-                torch.cuda.synchronize(device)
-                vals.append(int(torch.cuda.max_memory_allocated(device) - base))
-            else:
-                vals.append(_cpu_peak_rss(runner, state))
-        except Exception:
-            return None
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            runner.run(state)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device) - base)
         finally:
             runner.finish(state)
-    return min(vals)
+    except Exception:
+        return None
 
 
 def measure_peaks(device: torch.device, quick: bool = False) -> dict:
