@@ -279,10 +279,10 @@ def _shifted_chunk(x: torch.Tensor, shift: torch.Tensor, c0: int, c1: int, acc: 
 
 #: Raw-product route allowed while the offset energy n ||mu||^2 is at most this multiple of the centred
 #: energy ||X^||_F^2 (rounding of the raw Gram relative to the centred one grows like 1 + rho). Measured
-#: fp32 CKA error of the raw route against float64 (n = 256, d = 4096): ~1e-7 up to rho = 1024, 3.6e-6
-#: at 4096, 2e-3 at 1e5; 16 keeps a 100x margin on the 1e-5 contract and covers conv activations (a
-#: ResNet-18's ReLU/pool outputs had rho = 6-9, which a bound of 4 sent to the slower shifted route).
-RHO_MAX = 16.0
+#: worst fp32 CKA error of the raw route against float64 (constant offsets, n = 256, d = 32768): 7e-7
+#: at rho = 4, 2.6e-6 at 9, 4.5e-6 at 14 -- so 4, although conv activations (a ResNet-18's ReLU/pool
+#: outputs: rho = 6-9) then take the chunked shifted route.
+RHO_MAX = 4.0
 SHIFT_ROWS = 32
 #: Below this n^2 d the raw route uses ``torch.mm``: syrk's saving (measured 1.2-1.4x on the Gram,
 #: single thread) does not cover its fixed cost (ctypes call, mirror ops) -- e.g. 0.6x at (128, 1024).

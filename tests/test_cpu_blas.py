@@ -40,7 +40,6 @@ def _mixed_layers(n: int = 64) -> list[torch.Tensor]:
     tail_offset[32:] += 300.0  # first rows look centred, the rest carry a large offset
     return [
         torch.randn(n, 96, generator=g),  # raw route, d >= n (syrk)
-        torch.randn(n, 96, generator=g) + 3.5,  # offset energy 12x the spread: still the raw route
         torch.randn(n, 40, generator=g),  # raw route, n / 4 <= d < n (syrk)
         torch.randn(n, 8, generator=g) + 0.5,  # d < n / 4: shifted route
         torch.randn(n, 70, generator=g) + 1e4,  # large offset: the pre-check sends it to the shifted route
