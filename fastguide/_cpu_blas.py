@@ -283,7 +283,16 @@ def _shifted_chunk(x: torch.Tensor, shift: torch.Tensor, c0: int, c1: int, acc: 
 #: at rho = 4, 2.6e-6 at 9, 4.5e-6 at 14 -- so 4, although conv activations (a ResNet-18's ReLU/pool
 #: outputs: rho = 6-9) then take the chunked shifted route.
 RHO_MAX = 4.0
+#: ... and the error also grows with the width: 6.9e-6 at rho = 3.8, d = 200,000 (n = 256), so the bound
+#: is ``min(RHO_MAX, RHO_SQRT_D / sqrt(d))`` (measured errors <= 7e-7 up to rho sqrt(d) ~ 700; the bound
+#: only tightens RHO_MAX for d > 62,500, e.g. conv maps of 64 x 112 x 112).
+RHO_SQRT_D = 1000.0
 SHIFT_ROWS = 32
+
+
+def rho_max(d: int) -> float:
+    """Largest offset ratio the raw route accepts for a layer of width d (see ``RHO_MAX``)."""
+    return min(RHO_MAX, RHO_SQRT_D / math.sqrt(max(d, 1)))
 #: Below this n^2 d the raw route uses ``torch.mm``: syrk's saving (measured 1.2-1.4x on the Gram,
 #: single thread) does not cover its fixed cost (ctypes call, mirror ops) -- e.g. 0.6x at (128, 1024).
 SYRK_MIN_WORK = 1 << 27
@@ -299,7 +308,7 @@ def _raw_ok(x: torch.Tensor, shift: torch.Tensor) -> bool:
     m0 = min(x.shape[0], SHIFT_ROWS)
     off = float(shift.square().sum())
     head = float(torch.linalg.vector_norm(x[:m0], dtype=shift.dtype).square()) / m0
-    return off <= RHO_MAX * (head - off)
+    return off <= rho_max(x.shape[1]) * (head - off)
 
 
 def _can_raw(x: torch.Tensor, acc: torch.dtype) -> bool:
@@ -393,7 +402,7 @@ def sym_gram(
     route may return the raw Gram without applying that correction (two passes over K fewer).
 
     Raw route (CPU, C-contiguous x already in the accumulation dtype, offset small against the spread:
-    ``RHO_MAX``, checked on the first rows before and exactly after): the product of the raw x with no
+    :func:`rho_max`, checked on the first rows before and exactly after): the product of the raw x with no
     copy at all -- ``syrk`` (half the flops) plus an in-place mirror when ``d >= n / 4`` and
     ``n^2 d >= SYRK_MIN_WORK``, else ``torch.mm`` on the raw x when ``d >= n`` (a shifted copy would
     outweigh the Gram); small ``d < n`` takes the plain path below
@@ -427,7 +436,7 @@ def sym_gram(
         # tr of the shifted Gram = tr(K_raw) - 2 sum(u); exact check of the offset ratio on all rows
         # (the first rows could be unrepresentative).
         tr_shifted = float(K.diagonal().sum() - 2.0 * u.sum())
-        if float(n * shift.square().sum()) <= RHO_MAX * tr_shifted:
+        if float(n * shift.square().sum()) <= rho_max(d) * tr_shifted:
             if sq is not None:
                 sq.append(K.diagonal().sum())
             if not centring_only:
@@ -587,7 +596,7 @@ def _gram_worker(x: torch.Tensor, K: torch.Tensor, shift_fn, fn, eligible: bool)
             m0 = min(n, SHIFT_ROWS)
             G = torch.mm(x[:m0], x[:m0].T)
             mu2 = float(G.mean())
-            ok = mu2 <= RHO_MAX * (float(G.diagonal().mean()) - mu2)  # NaN: not raw
+            ok = mu2 <= rho_max(d) * (float(G.diagonal().mean()) - mu2)  # NaN: not raw
         if ok:
             if fn is not None and 4 * d >= n:
                 _call(fn, x, K, 0.0)
@@ -654,7 +663,8 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
         v = out[:, :, :m0].mean(dim=-1)
         mu2 = v[:, :m0].mean(dim=-1)
         tr_shifted = diag.sum(-1) - 2.0 * (v.sum(-1) - 0.5 * n * mu2)
-        good = (n * mu2 <= RHO_MAX * tr_shifted).tolist()  # NaN: recomputed (and propagated)
+        bound = torch.tensor([rho_max(x.shape[1]) for x in xs], dtype=acc)
+        good = (n * mu2 <= bound * tr_shifted).tolist()  # NaN: recomputed (and propagated)
         for l, (raw, _) in enumerate(res):
             if raw and not good[l]:  # on this thread: MKL (OpenBLAS would start its own threads here)
                 sqs[l] = _gram_worker(xs[l], out[l], shift_fn, _load().get(acc), False)[1]

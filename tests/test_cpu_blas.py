@@ -146,3 +146,17 @@ def test_openblas_is_found_when_scipy_ships_it():
     if not found:
         pytest.skip("this SciPy's OpenBLAS lacks openblas_set_num_threads_local (needs >= 0.3.27)")
     assert torch.float32 in found and "local" in found
+
+
+def test_raw_route_bound_tightens_with_width():
+    assert cb.rho_max(1024) == cb.RHO_MAX
+    assert cb.rho_max(1_000_000) == pytest.approx(cb.RHO_SQRT_D / 1000.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 250_000, generator=g) + 1.8  # offset energy ~3.2x the spread: raw if narrow
+    assert not cb._raw_ok(x, tb.shift_of(x))
+    assert cb._raw_ok(x[:, :4096], tb.shift_of(x[:, :4096]))
+    y = torch.randn(64, 40, generator=g) + 0.3 * x[:, :40]
+    for est in ("biased", "unbiased"):
+        got = fg.cka(x, y, estimator=est).item()
+        want = fg.cka(x.double(), y.double(), estimator=est).item()
+        assert abs(got - want) <= 1e-6
