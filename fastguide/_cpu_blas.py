@@ -670,3 +670,19 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
                 sqs[l] = _gram_worker(xs[l], out[l], shift_fn, _load().get(acc), False)[1]
     tr = diag.sum(-1)
     return torch.stack([tr[l] if sqs[l] is None else sqs[l] for l in range(L)])
+
+
+def describe_layer_parallel() -> str:
+    """One line for benchmark records: how this process computes the Grams of several CPU layers."""
+    if os.environ.get("FASTGUIDE_CPU_LAYER_PARALLEL", "1") == "0":
+        return "off (FASTGUIDE_CPU_LAYER_PARALLEL=0)"
+    if not _omp_set_num_threads():
+        return "off (torch does not run on OpenMP)"
+    if torch.get_num_threads() < 2:
+        return "off (one torch thread)"
+    ob = _load_openblas()
+    if torch.float32 in ob:
+        kernel = "SciPy's OpenBLAS ssyrk"
+    else:
+        kernel = "MKL ssyrk" if syrk_available() else "torch.mm"
+    return f"one layer per core ({torch.get_num_threads()} workers), single-threaded {kernel}"

@@ -233,8 +233,9 @@ def env_info(device: torch.device) -> dict:
         info["cpu_syrk"] = (
             "mkl_blas_ssyrk (torch's MKL)" if _cpu_blas.syrk_available() else "torch.mm (no syrk)"
         )
+        info["cpu_layer_parallel"] = _cpu_blas.describe_layer_parallel()
     except Exception:
-        info["cpu_syrk"] = None
+        info["cpu_syrk"] = info["cpu_layer_parallel"] = None
     try:
         import subprocess
 
@@ -1866,7 +1867,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = res["config"]["wall_s"]
     print(
         f"\nfastguide {env['fastguide']} | {env['device_name']} | torch {env['torch']} | "
-        f"triton {env['triton']} | syrk: {env['cpu_syrk']} | scale {scale} | {wall:.0f} s\n"
+        f"triton {env['triton']} | syrk: {env['cpu_syrk']} | layers: {env.get('cpu_layer_parallel')} | "
+        f"scale {scale} | {wall:.0f} s\n"
     )
     print(format_table(res["records"], res["goals"]))
     out = Path(a.out) if a.out else _default_out(device, scale)
