@@ -130,7 +130,7 @@ def minibatch_cka(batches_x, batches_y, estimator: str = "unbiased") -> torch.Te
     Sums per-batch HSICs (each with its own 1/(n_t(n_t-3))) and divides once at the end.
     """
     xy = xx = yy = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(batches_x, batches_y):
+    for x, y in zip(batches_x, batches_y, strict=False):
         K, L = linear_gram(x), linear_gram(y)  # centred per batch: HSIC is shift-invariant
         xy = xy + hsic(K, L, estimator)
         xx = xx + hsic(K, K, estimator)

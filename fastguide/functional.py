@@ -64,8 +64,12 @@ class LayerStats:
 
     def to(self, device) -> LayerStats:
         return LayerStats(
-            self.C.to(device), self.s.to(device), self.ok.to(device), self.h.to(device),
-            self.estimator, self.kernel,
+            self.C.to(device),
+            self.s.to(device),
+            self.ok.to(device),
+            self.h.to(device),
+            self.estimator,
+            self.kernel,
         )
 
 
@@ -105,7 +109,9 @@ def _check_options(estimator, kernel, backend, tokens, route, sigma) -> None:
     check_option(route, "route", ROUTES)
     if sigma is not None:
         if kernel != "rbf":
-            raise ValueError(f"sigma is only used with kernel='rbf'; got sigma={sigma!r} with kernel={kernel!r}")
+            raise ValueError(
+                f"sigma is only used with kernel='rbf'; got sigma={sigma!r} with kernel={kernel!r}"
+            )
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
             raise ValueError(f"sigma must be a positive number or None (median heuristic); got {sigma!r}")
 
@@ -123,7 +129,9 @@ def _kernels():
             import fastguide.kernels.cka  # noqa: F401
             import fastguide.kernels.gram  # noqa: F401
         except Exception as e:  # pragma: no cover - depends on the install
-            raise RuntimeError(f"backend='triton' is not available: importing fastguide.kernels failed ({e})") from e
+            raise RuntimeError(
+                f"backend='triton' is not available: importing fastguide.kernels failed ({e})"
+            ) from e
         _KERNELS_MODULE = k
     return _KERNELS_MODULE
 
@@ -138,7 +146,9 @@ def _use_triton(backend: str, device: torch.device, kernel: str) -> bool:
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device}"
             )
         if kernel != "linear":
-            raise ValueError("backend='triton' implements the linear kernel; use backend='torch' for kernel='rbf'")
+            raise ValueError(
+                "backend='triton' implements the linear kernel; use backend='torch' for kernel='rbf'"
+            )
         return True
     # auto: compiled Triton on CUDA only (the interpreter is for tests, never picked automatically).
     return device.type == "cuda" and kernel == "linear"
@@ -162,7 +172,7 @@ def _index(pairs: Sequence[int], device: torch.device) -> tuple[torch.Tensor, to
 
 
 def _pair_list(pairs: Sequence[int]) -> list[tuple[int, int]]:
-    return list(zip(pairs[0::2], pairs[1::2]))
+    return list(zip(pairs[0::2], pairs[1::2], strict=False))
 
 
 def _sigma_arg(sigma: float) -> float | None:
@@ -208,7 +218,9 @@ def _hsic_table(layers, pre_C, pre_s, pre_ok, pre_h, plist, estimator, kernel, s
         ok = ok & ~(h <= 0)
         hsic = torch.stack(
             [
-                h[i] if i == j else tb.feature_hsic(feats[i][0], feats[j][0], feats[i][3], feats[j][3], estimator)
+                h[i]
+                if i == j
+                else tb.feature_hsic(feats[i][0], feats[j][0], feats[i][3], feats[j][3], estimator)
                 for i, j in plist
             ]
         )
@@ -246,7 +258,7 @@ def _triton_block_dots(C: torch.Tensor, pre: torch.Tensor, plist) -> torch.Tenso
     for (ki, kj), ps in groups.items():
         li = [plist[p][0] - ki * L for p in ps]
         lj = [plist[p][1] - kj * L for p in ps]
-        gi, gj = _index([v for ab in zip(li, lj) for v in ab], C.device)
+        gi, gj = _index([v for ab in zip(li, lj, strict=False) for v in ab], C.device)
         vals = _kernels().cka.hsic_pairs(stacks[ki], stacks[kj], gi, gj)
         dst, _ = _index([v for p in ps for v in (p, p)], C.device)
         out = out.index_copy(0, dst, vals.to(out.dtype))
@@ -320,7 +332,7 @@ def _cka_bwd(
         Cs = [C[b] if b < L else pre[b - L] for b in partners[a]]
         w = torch.stack([W[a, b] for b in partners[a]])
         if kernel == "rbf":
-            G = sum(wk * Ck for wk, Ck in zip(w, Cs))
+            G = sum(wk * Ck for wk, Ck in zip(w, Cs, strict=False))
             out.append(tb.rbf_grad(layers[a], G, s[a], sig[a]))
         elif backend == "triton":
             out.append(_kernels().backward.grad_x(layers[a], Cs, w, 2.0 / s[a]))
@@ -330,7 +342,26 @@ def _cka_bwd(
 
 
 @_cka_bwd.register_fake
-def _(grad, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, sig, pairs, which, estimator, kernel, sigma, route, backend):
+def _(
+    grad,
+    cka,
+    layers,
+    C,
+    pre_C,
+    s,
+    ok,
+    pre_ok,
+    h,
+    pre_h,
+    sig,
+    pairs,
+    which,
+    estimator,
+    kernel,
+    sigma,
+    route,
+    backend,
+):
     return [torch.empty_like(layers[a]) for a in which]
 
 
@@ -365,10 +396,26 @@ def _backward(ctx, grad_cka, _gC, _gs, _gok, _gh, _gsig):
     if ctx.which and grad_cka is not None:
         pairs, estimator, kernel, sigma, route, backend = ctx.args
         gs = _cka_bwd(
-            grad_cka, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, sig,
-            pairs, ctx.which, estimator, kernel, sigma, route, backend,
+            grad_cka,
+            cka,
+            layers,
+            C,
+            pre_C,
+            s,
+            ok,
+            pre_ok,
+            h,
+            pre_h,
+            sig,
+            pairs,
+            ctx.which,
+            estimator,
+            kernel,
+            sigma,
+            route,
+            backend,
         )
-        for a, g in zip(ctx.which, gs):
+        for a, g in zip(ctx.which, gs, strict=False):
             grads[a] = g
     return grads, None, None, None, None, None, None, None, None, None, None
 
@@ -425,7 +472,9 @@ def _plan(
                 f"this call uses estimator={estimator!r}, kernel={kernel!r}"
             )
         if st.n != n:
-            raise ValueError(f"all layers must have the same number of examples n; got n={n} and LayerStats n={st.n}")
+            raise ValueError(
+                f"all layers must have the same number of examples n; got n={n} and LayerStats n={st.n}"
+            )
         if st.C.device != dev:
             raise ValueError(f"all layers must be on one device; got {dev} and LayerStats on {st.C.device}")
     route = _choose_route(route, kernel, raw, pairs, bool(pre))
@@ -443,7 +492,19 @@ def _plan(
         pre_h = torch.empty((0,), dtype=dt, device=dev)
     flat = [v for p in pairs for v in p]
     sig = -1.0 if sigma is None else float(sigma)
-    return (raw, pre_C, pre_s, pre_ok, pre_h, flat, estimator, kernel, sig, route, "triton" if use_triton else "torch")
+    return (
+        raw,
+        pre_C,
+        pre_s,
+        pre_ok,
+        pre_h,
+        flat,
+        estimator,
+        kernel,
+        sig,
+        route,
+        "triton" if use_triton else "torch",
+    )
 
 
 def _run(raw, pre, pairs, estimator, kernel, sigma, backend, route) -> torch.Tensor:
@@ -455,7 +516,9 @@ def _check_pairs(pairs, nx: int, ny: int) -> list[tuple[int, int]]:
     try:
         items = list(pairs)
     except TypeError:
-        raise TypeError(f"pairs must be a sequence of (i, j) index pairs; got {type(pairs).__name__}") from None
+        raise TypeError(
+            f"pairs must be a sequence of (i, j) index pairs; got {type(pairs).__name__}"
+        ) from None
     if not items:
         raise ValueError("pairs must not be empty")
     for p in items:
@@ -557,8 +620,15 @@ def cka(
     check_tensor(x, "x")
     check_tensor(y, "y")
     return cka_pairs(
-        [x], [y], [(0, 0)], estimator=estimator, kernel=kernel, sigma=sigma,
-        backend=backend, tokens=tokens, route=route,
+        [x],
+        [y],
+        [(0, 0)],
+        estimator=estimator,
+        kernel=kernel,
+        sigma=sigma,
+        backend=backend,
+        tokens=tokens,
+        route=route,
     )[0]
 
 

@@ -64,13 +64,22 @@ class CKALoss(nn.Module):
         self, target_acts: Sequence[torch.Tensor], guide_acts: Sequence[torch.Tensor | LayerStats]
     ) -> torch.Tensor:
         c = cka_pairs(
-            target_acts, guide_acts, self.pairs, estimator=self.estimator, kernel=self.kernel,
-            sigma=self.sigma, backend=self.backend, tokens=self.tokens, route=self.route,
+            target_acts,
+            guide_acts,
+            self.pairs,
+            estimator=self.estimator,
+            kernel=self.kernel,
+            sigma=self.sigma,
+            backend=self.backend,
+            tokens=self.tokens,
+            route=self.route,
         )
         per = 1.0 - c
         if self.weights is not None:
             if self.weights.numel() != per.numel():
-                raise ValueError(f"weights has {self.weights.numel()} entries but there are {per.numel()} pairs")
+                raise ValueError(
+                    f"weights has {self.weights.numel()} entries but there are {per.numel()} pairs"
+                )
             w = self.weights.to(device=per.device, dtype=per.dtype)
             per = w * per
         if self.reduction == "none":
@@ -82,7 +91,10 @@ class CKALoss(nn.Module):
 
     def extra_repr(self) -> str:
         pairs = "one-to-one" if self.pairs is None else f"{len(self.pairs)} pairs"
-        s = f"pairs={pairs}, estimator={self.estimator!r}, kernel={self.kernel!r}, reduction={self.reduction!r}"
+        s = (
+            f"pairs={pairs}, estimator={self.estimator!r}, kernel={self.kernel!r}, "
+            f"reduction={self.reduction!r}"
+        )
         if self.weights is not None:
             s += ", weighted"
         return s

@@ -65,7 +65,8 @@ class MinibatchCKA:
         elif self.shape != (A, B) or self.symmetric != (ys2 is None):
             raise ValueError(
                 f"update() got {A} x-layers and {'no ys' if ys2 is None else f'{B} y-layers'}; earlier "
-                f"updates had {self.shape[0]} x-layers and {'no ys' if self.symmetric else f'{self.shape[1]} y-layers'}"
+                f"updates had {self.shape[0]} x-layers and "
+                f"{'no ys' if self.symmetric else f'{self.shape[1]} y-layers'}"
             )
         layers = [x.detach() for x in xs2] + ([] if ys2 is None else [y.detach() for y in ys2])
         off = 0 if ys2 is None else A
@@ -73,13 +74,15 @@ class MinibatchCKA:
         glob = [(i, off + j) for i, j in pairs]
         args = _plan(layers, [], glob, self.estimator, self.kernel, self.sigma, self.backend, self.route)
         flat = args[5]
-        plist = list(zip(flat[0::2], flat[1::2]))
+        plist = list(zip(flat[0::2], flat[1::2], strict=False))
         hsic, _, s, ok, h, _, _, _ = _hsic_table(*args[:5], plist, *args[6:])
         # Back to the un-normalised scale (multiply by s_a s_b); degenerate layers count as 0.
         s64, h64 = s.double(), h.double()
         self_all = torch.where(ok, h64 * s64 * s64, torch.zeros_like(h64))
         pi, pj = _index(flat, s.device)
-        cross = torch.where(ok[pi] & ok[pj], hsic.double() * s64[pi] * s64[pj], torch.zeros_like(hsic, dtype=torch.float64))
+        cross = torch.where(
+            ok[pi] & ok[pj], hsic.double() * s64[pi] * s64[pj], torch.zeros_like(hsic, dtype=torch.float64)
+        )
         sx = self_all[:A]
         sy = self_all[:A] if ys2 is None else self_all[A:]
         if self.cross is None:

@@ -24,7 +24,8 @@ def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
         raise AssertionError(
             f"{what}: {int(bad.sum())}/{a.numel()} elements differ by more than {atol:g}; worst at {idx}: "
-            f"{a.flatten()[worst].item():.10g} vs {e.flatten()[worst].item():.10g} (|diff| {diff.max().item():.3g})"
+            f"{a.flatten()[worst].item():.10g} vs {e.flatten()[worst].item():.10g} "
+            f"(|diff| {diff.max().item():.3g})"
         )
 
 

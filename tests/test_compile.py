@@ -46,7 +46,7 @@ def test_compile_fullgraph_training_step_matches_eager():
     got = compiled(x)
     got.backward()
     assert abs(got.item() - eager.item()) < 1e-5
-    for p, g in zip(net.parameters(), g_eager):
+    for p, g in zip(net.parameters(), g_eager, strict=False):
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
 
     torch._dynamo.reset()
@@ -55,7 +55,7 @@ def test_compile_fullgraph_training_step_matches_eager():
     got = inductor(x)
     got.backward()
     assert abs(got.item() - eager.item()) < 1e-5
-    for p, g in zip(net.parameters(), g_eager):
+    for p, g in zip(net.parameters(), g_eager, strict=False):
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
@@ -65,7 +65,25 @@ def test_opcheck_backward_op():
     cka, C, s, ok, h, sig = out
     layers, pre_C, pre_s, pre_ok, pre_h, pairs, est, kern, sigma, route, backend = args
     bwd_args = (
-        torch.randn_like(cka), cka, [x.detach() for x in layers], C, pre_C, s, ok, pre_ok, h, pre_h, sig,
-        pairs, [0, 1], est, kern, sigma, route, backend,
+        torch.randn_like(cka),
+        cka,
+        [x.detach() for x in layers],
+        C,
+        pre_C,
+        s,
+        ok,
+        pre_ok,
+        h,
+        pre_h,
+        sig,
+        pairs,
+        [0, 1],
+        est,
+        kern,
+        sigma,
+        route,
+        backend,
     )
-    torch.library.opcheck(torch.ops.fastguide.cka_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastguide.cka_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor")
+    )

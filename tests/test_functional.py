@@ -245,7 +245,7 @@ def test_gram_and_feature_routes_agree(estimator):
         (c * torch.arange(9.0).view(3, 3)).sum().backward()
         out[route] = (c.detach(), [x.grad.clone() for x in xs])
     assert_close_verbose(out["gram"][0], out["feature"][0], 1e-5, "routes")
-    for g, f in zip(out["gram"][1], out["feature"][1]):
+    for g, f in zip(out["gram"][1], out["feature"][1], strict=False):
         assert_grad_close(f, g, 1e-4, "route grads")
 
 
@@ -296,7 +296,7 @@ def test_fp32_gradients_match_reference(estimator, route):
     xs = [x.requires_grad_(True) for x in _layers(n=20, dims=(9, 30, 4))]
     w = torch.randn(3, 3)
     (fg.cka_matrix(xs, estimator=estimator, route=route) * w).sum().backward()
-    for x, g in zip(xs, _ref_grads(xs, w, estimator)):
+    for x, g in zip(xs, _ref_grads(xs, w, estimator), strict=False):
         assert_grad_close(x.grad, g, GRAD_RTOL[torch.float32], "grad")
 
 
@@ -305,7 +305,7 @@ def test_rbf_gradients_match_reference(estimator):
     xs = [x.requires_grad_(True) for x in _layers(n=16, dims=(6, 10))]
     w = torch.randn(2, 2)
     (fg.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=3.0) * w).sum().backward()
-    for x, g in zip(xs, _ref_grads(xs, w, estimator, "rbf", 3.0)):
+    for x, g in zip(xs, _ref_grads(xs, w, estimator, "rbf", 3.0), strict=False):
         assert_grad_close(x.grad, g, 1e-4, "rbf grad")
 
 
@@ -348,7 +348,7 @@ def test_precomputed_layer_stats_give_same_values_and_target_grads():
     pre = fg.cka_pairs(xs, stats, [(0, 1), (1, 0)])
     assert_close_verbose(pre, direct, 1e-6, "precomputed")
     pre.sum().backward()
-    for a, b in zip(xs, g_direct):
+    for a, b in zip(xs, g_direct, strict=False):
         assert_grad_close(a.grad, b, 1e-5, "precomputed grad")
     mixed = fg.cka_pairs(xs, [ys[0], stats[1]], [(0, 1), (1, 0)])
     assert_close_verbose(mixed, direct, 1e-6, "mixed")

@@ -19,7 +19,9 @@ def _batches(sizes, dims=(6, 10), seed=0):
     out = []
     for n in sizes:
         base = torch.randn(n, 3, generator=g)
-        out.append([base @ torch.randn(3, d, generator=g) + 0.3 * torch.randn(n, d, generator=g) for d in dims])
+        out.append(
+            [base @ torch.randn(3, d, generator=g) + 0.3 * torch.randn(n, d, generator=g) for d in dims]
+        )
     return out
 
 
@@ -36,7 +38,7 @@ def test_unequal_batches_match_reference(estimator):
     batches = _batches([32, 17, 9])
     ys_batches = _batches([32, 17, 9], dims=(4,), seed=1)
     m = fg.MinibatchCKA(estimator)
-    for xs, ys in zip(batches, ys_batches):
+    for xs, ys in zip(batches, ys_batches, strict=False):
         m.update(xs, ys)
     got = m.compute()
     assert got.shape == (2, 1) and got.dtype == torch.float64

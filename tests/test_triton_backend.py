@@ -11,7 +11,12 @@ ESTIMATORS = ["unbiased", "biased"]
 
 def _layers(n, dims, dtype=torch.float32):
     base = torch.randn(n, 3, dtype=torch.float64)
-    return [(base @ torch.randn(3, d, dtype=torch.float64) + 0.3 * torch.randn(n, d, dtype=torch.float64)).to(dtype) for d in dims]
+    return [
+        (base @ torch.randn(3, d, dtype=torch.float64) + 0.3 * torch.randn(n, d, dtype=torch.float64)).to(
+            dtype
+        )
+        for d in dims
+    ]
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -26,7 +31,7 @@ def test_matrix_and_grads_match_torch_backend(estimator):
         (c * w).sum().backward()
         out[backend] = (c.detach(), [x.grad.clone() for x in xs])
     assert_close_verbose(out["triton"][0], out["torch"][0], 1e-5, "triton cka")
-    for a, b in zip(out["triton"][1], out["torch"][1]):
+    for a, b in zip(out["triton"][1], out["torch"][1], strict=False):
         assert_grad_close(a, b, 1e-4, "triton grad")
 
 
@@ -35,7 +40,7 @@ def test_pairs_with_precomputed_guide_stats_and_strided_inputs():
     ys = [y.T.contiguous().T for y in _layers(12, (4, 8))]  # column-major views
     stats = [fg.layer_stats(y, backend="triton") for y in ys]
     ref_stats = [fg.layer_stats(y, backend="torch") for y in ys]
-    for a, b in zip(stats, ref_stats):
+    for a, b in zip(stats, ref_stats, strict=False):
         assert_close_verbose(a.C, b.C, 1e-5, "layer_stats C")
     got = fg.cka_pairs(xs, stats, [(0, 1), (1, 0), (1, 1)], backend="triton")
     want = fg.cka_pairs(xs, ys, [(0, 1), (1, 0), (1, 1)], backend="torch")
@@ -56,7 +61,9 @@ def test_gradcheck_fp64_through_triton(estimator):
     a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     g = torch.randn(6, 4, dtype=torch.float64)
-    f = lambda a, b: fg.cka_pairs([a, b], [g, a], [(0, 0), (1, 0), (1, 1)], estimator=estimator, backend="triton")  # noqa: E731
+    def f(a, b):
+        return fg.cka_pairs([a, b], [g, a], [(0, 0), (1, 0), (1, 1)], estimator=estimator, backend="triton")
+
     assert torch.autograd.gradcheck(f, (a, b))
 
 
