@@ -170,14 +170,28 @@ def flat_dots(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return acc.to(A.dtype)
 
 
+def view_dots(SA: torch.Tensor, SB: torch.Tensor, li: list[int], lj: list[int]) -> torch.Tensor:
+    """``<SA[li[q]], SB[lj[q]]>`` for each q: one GEMM (:func:`flat_dots`) over the index ranges spanned."""
+    i0, i1, j0, j1 = min(li), max(li) + 1, min(lj), max(lj) + 1
+    A = SA[i0:i1].flatten(1)
+    B = SB[j0:j1].flatten(1)
+    if len(li) == 1:
+        return (A[0] * B[0]).sum().reshape(1)
+    M = flat_dots(A, B)
+    flat = [(a - i0) * (j1 - j0) + (b - j0) for a, b in zip(li, lj, strict=True)]
+    return M.flatten().index_select(0, torch.tensor(flat, device=M.device))
+
+
 def block_dots(
-    stacks: list[torch.Tensor], index: list[tuple[int, int]], pairs: list[tuple[int, int]]
+    stacks: list[torch.Tensor], index: list[tuple[int, int]], pairs: list[tuple[int, int]], dots=None
 ) -> torch.Tensor:
     """``<C_i, C_j>`` for each pair of global layer indices, from a few GEMMs over views.
 
     ``stacks`` hold (L_k, n, n) matrices; ``index[g] = (k, l)`` locates global layer g. Pairs are
-    grouped by the stacks they touch and each group is one GEMM over the contiguous index range it
-    spans (views, no gathers), so all pairs cost a handful of GEMMs.
+    grouped by the stacks they touch and each group is one call of ``dots(stack_a, stack_b, la, lb)``
+    (the values ``<stack_a[la[q]], stack_b[lb[q]]>``): by default :func:`view_dots`, one GEMM over the
+    contiguous index range the group spans (views, no gathers), so all pairs cost a handful of GEMMs;
+    the Triton backend passes its pair kernel.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for p, (i, j) in enumerate(pairs):
@@ -186,17 +200,7 @@ def block_dots(
     for (ki, kj), ps in groups.items():
         li = [index[pairs[p][0]][1] for p in ps]
         lj = [index[pairs[p][1]][1] for p in ps]
-        i0, i1, j0, j1 = min(li), max(li) + 1, min(lj), max(lj) + 1
-        A = stacks[ki][i0:i1].flatten(1)
-        B = stacks[kj][j0:j1].flatten(1)
-        if len(ps) == 1:
-            vals = (A[0] * B[0]).sum().reshape(1)
-        else:
-            M = flat_dots(A, B)
-            flat = [(a - i0) * (j1 - j0) + (b - j0) for a, b in zip(li, lj, strict=True)]
-            flat = torch.tensor(flat, device=M.device)
-            vals = M.flatten().index_select(0, flat)
-        pieces.append(vals)
+        pieces.append((dots or view_dots)(stacks[ki], stacks[kj], li, lj))
         order.extend(ps)
     vals = torch.cat(pieces)
     if order != list(range(len(pairs))):

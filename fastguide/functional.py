@@ -239,30 +239,15 @@ def _hsic_table(layers, pre_C, pre_s, pre_ok, pre_h, plist, estimator, kernel, s
     h_all = torch.cat([h, pre_h.to(h.dtype)])
     ok_all = torch.cat([ok, pre_ok])
     pre = pre_C.to(C.dtype)
-    if backend == "triton":
-        hsic = _triton_block_dots(C, pre, plist) / N
-    else:
-        index = [(0, l) for l in range(L)] + [(1, m) for m in range(pre.shape[0])]
-        hsic = tb.block_dots([C, pre], index, plist) / N
+    index = [(0, l) for l in range(L)] + [(1, m) for m in range(pre.shape[0])]
+    hsic = tb.block_dots([C, pre], index, plist, _triton_dots if backend == "triton" else None) / N
     return hsic, C, s, ok, h, sig, h_all, ok_all
 
 
-def _triton_block_dots(C: torch.Tensor, pre: torch.Tensor, plist) -> torch.Tensor:
-    """Pair inner products through the Triton kernel: one launch per (stack, stack) combination."""
-    L = C.shape[0]
-    stacks = [C, pre]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for p, (i, j) in enumerate(plist):
-        groups.setdefault((int(i >= L), int(j >= L)), []).append(p)
-    out = C.new_empty((len(plist),))
-    for (ki, kj), ps in groups.items():
-        li = [plist[p][0] - ki * L for p in ps]
-        lj = [plist[p][1] - kj * L for p in ps]
-        gi, gj = _index([v for ab in zip(li, lj, strict=False) for v in ab], C.device)
-        vals = _kernels().cka.hsic_pairs(stacks[ki], stacks[kj], gi, gj)
-        dst, _ = _index([v for p in ps for v in (p, p)], C.device)
-        out = out.index_copy(0, dst, vals.to(out.dtype))
-    return out
+def _triton_dots(SA: torch.Tensor, SB: torch.Tensor, li: list[int], lj: list[int]) -> torch.Tensor:
+    """Pair inner products of one (stack, stack) group through the Triton kernel (one launch)."""
+    gi, gj = _index([v for ab in zip(li, lj, strict=True) for v in ab], SA.device)
+    return _kernels().cka.hsic_pairs(SA, SB, gi, gj).to(SA.dtype)
 
 
 @_cka_fwd.register_fake
