@@ -293,6 +293,20 @@ SHIFT_ROWS = 32
 def rho_max(d: int) -> float:
     """Largest offset ratio the raw route accepts for a layer of width d (see ``RHO_MAX``)."""
     return min(RHO_MAX, RHO_SQRT_D / math.sqrt(max(d, 1)))
+
+
+def _offset_terms(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From raw Grams K (..., n, n) of x with shift mu = mean of the first m0 = min(n, 32) rows:
+    ``u = x mu - ||mu||^2 / 2`` (..., n), ``||mu||^2`` (...) and the trace of the shifted Gram
+    ``tr(K) - 2 sum(u)`` (...), for the exact offset check on all rows (the first rows could be
+    unrepresentative) and the rank-2 shift correction ``K - u 1^T - 1 u^T``."""
+    m0 = min(K.shape[-1], SHIFT_ROWS)
+    v = K[..., :m0].mean(dim=-1)  # x mu
+    mu2 = v[..., :m0].mean(dim=-1)  # mu^T mu
+    u = v - 0.5 * mu2.unsqueeze(-1)
+    return u, mu2, K.diagonal(dim1=-2, dim2=-1).sum(-1) - 2.0 * u.sum(-1)
+
+
 #: Below this n^2 d the raw route uses ``torch.mm``: syrk's saving (measured 1.2-1.4x on the Gram,
 #: single thread) does not cover its fixed cost (ctypes call, mirror ops) -- e.g. 0.6x at (128, 1024).
 SYRK_MIN_WORK = 1 << 27
@@ -430,13 +444,8 @@ def sym_gram(
             _mirror_lower_(K)
         else:
             K = torch.mm(x, x.T, out=out) if out is not None else x @ x.T
-        m0 = min(n, SHIFT_ROWS)
-        v = K[:, :m0].mean(dim=1)  # x mu
-        u = v - 0.5 * v[:m0].mean()  # x mu - mu^T mu / 2
-        # tr of the shifted Gram = tr(K_raw) - 2 sum(u); exact check of the offset ratio on all rows
-        # (the first rows could be unrepresentative).
-        tr_shifted = float(K.diagonal().sum() - 2.0 * u.sum())
-        if float(n * shift.square().sum()) <= rho_max(d) * tr_shifted:
+        u, _, tr_shifted = _offset_terms(K)
+        if float(n * shift.square().sum()) <= rho_max(d) * float(tr_shifted):
             if sq is not None:
                 sq.append(K.diagonal().sum())
             if not centring_only:
@@ -579,25 +588,17 @@ def _parallel(device: torch.device, layers: int, work: float) -> bool:
 def _gram_worker(x: torch.Tensor, K: torch.Tensor, shift_fn, fn, eligible: bool) -> tuple:
     """One layer's Gram in a single-threaded worker; returns (raw, sq).
 
-    Raw route (``eligible`` and the pre-check passes): ``syrk`` + mirror (``d >= n / 4``;
-    single-threaded syrk beat single-threaded ``X @ X.T`` by 1.2-1.5x at n = 256-512 on the development
-    machine) or ``torch.mm``; ``sq`` None (the caller takes ``||x||^2`` from the Gram's trace). The
-    pre-check is one small GEMM: with ``G = x[:m] x[:m]^T`` of the first m = min(n, 32) rows,
-    ``||mu||^2 = mean(G)`` (mu their mean, the shift) and their mean squared norm is ``mean(diag G)``.
-    Otherwise the chunked shifted product and ``sq = ||x||_F^2``.
+    Raw route (``eligible`` and the first-rows pre-check :func:`_raw_ok` passes): ``syrk`` + mirror
+    (``d >= n / 4``; single-threaded syrk beat single-threaded ``X @ X.T`` by 1.2-1.5x at n = 256-512
+    on the development machine) or ``torch.mm``; ``sq`` None (the caller takes ``||x||^2`` from the
+    Gram's trace). Otherwise the chunked shifted product and ``sq = ||x||_F^2``.
     """
     n, d = x.shape
     if eligible:
         # Below PRECHECK_MIN_WORK the pre-check's fixed cost (0.13 ms a layer in a worker: ~10 % of a
         # 256 x 1024 Gram, ~7 % at 256 x 2048) outweighs what it saves: the exact check after the
         # product still catches a large offset, at the price of one wasted product for that layer.
-        ok = True
-        if n * n * d >= PRECHECK_MIN_WORK:
-            m0 = min(n, SHIFT_ROWS)
-            G = torch.mm(x[:m0], x[:m0].T)
-            mu2 = float(G.mean())
-            ok = mu2 <= rho_max(d) * (float(G.diagonal().mean()) - mu2)  # NaN: not raw
-        if ok:
+        if n * n * d < PRECHECK_MIN_WORK or _raw_ok(x, shift_fn(x)):  # NaN: not raw
             if fn is not None and 4 * d >= n:
                 _call(fn, x, K, 0.0)
                 _mirror_lower_(K)
@@ -643,7 +644,6 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
         return None
     fn = _load_openblas().get(acc) or _load().get(acc)
     xs = [x.detach() for x in xs]
-    m0 = min(n, SHIFT_ROWS)
     eligible = [
         (x.shape[1] >= n or (fn is not None and 4 * x.shape[1] >= n)) and _can_raw(x, acc) for x in xs
     ]
@@ -655,20 +655,16 @@ def gram_stack(xs: list[torch.Tensor], shift_fn, out: torch.Tensor) -> torch.Ten
     futs = {l: pool.submit(_in_worker, inference, xs[l], out[l], shift_fn, fn, eligible[l]) for l in order}
     res = [futs[l].result() for l in range(L)]
     sqs = [r[1] for r in res]
-    diag = out.diagonal(dim1=-2, dim2=-1)
     if any(r[0] for r in res):
-        # Exact offset check of the raw route on all rows, batched (see sym_gram): with mu the mean of
-        # the first m0 rows, v = x mu = K[:, :m0].mean(1) and ||mu||^2 = mean(v[:m0]); a layer that
-        # fails it is recomputed from shifted features.
-        v = out[:, :, :m0].mean(dim=-1)
-        mu2 = v[:, :m0].mean(dim=-1)
-        tr_shifted = diag.sum(-1) - 2.0 * (v.sum(-1) - 0.5 * n * mu2)
+        # Exact offset check of the raw route, batched (see sym_gram); a layer that fails it is
+        # recomputed from shifted features.
+        _, mu2, tr_shifted = _offset_terms(out)
         bound = torch.tensor([rho_max(x.shape[1]) for x in xs], dtype=acc)
         good = (n * mu2 <= bound * tr_shifted).tolist()  # NaN: recomputed (and propagated)
         for l, (raw, _) in enumerate(res):
             if raw and not good[l]:  # on this thread: MKL (OpenBLAS would start its own threads here)
                 sqs[l] = _gram_worker(xs[l], out[l], shift_fn, _load().get(acc), False)[1]
-    tr = diag.sum(-1)
+    tr = out.diagonal(dim1=-2, dim2=-1).sum(-1)
     return torch.stack([tr[l] if sqs[l] is None else sqs[l] for l in range(L)])
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu_blas import gram_stack, shifted_matmul, sym_gram
+from ._cpu_blas import SHIFT_ROWS, gram_stack, shifted_matmul, sym_gram
 from ._utils import acc_dtype, hsic_norm
-
-SHIFT_ROWS = 32
 
 
 # --------------------------------------------------------------------------- per-layer statistics
@@ -109,17 +107,20 @@ def gram_fwd(
     dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     dev = xs[0].device
     C = torch.empty((len(xs), n, n), dtype=dt, device=dev)
+
     # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x); only
     # H K H / U(K) / distances use it (centring_only). ||x||^2 for the degeneracy threshold comes from
     # the raw Gram's trace when the raw route ran (no extra pass over x).
-    sq = gram_stack(xs, lambda x: shift_of(x).to(dt), C)
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        return shift_of(x).to(dt)
+
+    sq = gram_stack(xs, shift, C)
     if sq is None:
         sqs: list = []
         for l, x in enumerate(xs):
-            sym_gram(x, shift_of(x).to(dt), out=C[l], centring_only=True, sq=sqs)
+            sym_gram(x, shift(x), out=C[l], centring_only=True, sq=sqs)
         sq = torch.stack(sqs).to(dt)
-    eps4 = torch.tensor([(4.0 * torch.finfo(x.dtype).eps) ** 2 for x in xs], dtype=dt, device=dev)
-    thr = eps4 * sq
+    thr = torch.stack([degenerate_threshold(x, q) for x, q in zip(xs, sq, strict=True)])
     if kernel == "linear":
         C, t = center_gram_(C, estimator)
         # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.

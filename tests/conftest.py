@@ -78,11 +78,7 @@ def cpu_gram_mode(request, monkeypatch):
         return
     if not _cpu_blas._omp_set_num_threads():
         pytest.skip("torch does not run on OpenMP here: no layer-parallel path")
-    monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "1")
-    monkeypatch.setattr(_cpu_blas, "PARALLEL_MIN_WORK", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    try:
+    from helpers import layer_parallel_forced
+
+    with layer_parallel_forced(monkeypatch):
         yield request.param
-    finally:
-        torch.set_num_threads(threads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # CKA absolute tolerance per input dtype (DESIGN.md section 3); gradients: relative norm.
@@ -41,3 +43,18 @@ def assert_grad_close(actual, expected, rtol: float, what: str = "") -> None:
         assert err == 0, f"{what}: expected an exactly zero gradient, got norm {a.norm().item():.3g}"
         return
     assert err <= rtol * en, f"{what}: relative gradient error {err / en:.3g} > {rtol:g}"
+
+
+@contextlib.contextmanager
+def layer_parallel_forced(monkeypatch):
+    """The layer-parallel CPU Gram path (``_cpu_blas.gram_stack``) on for any size, with >= 2 threads."""
+    from fastguide import _cpu_blas
+
+    monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "1")
+    monkeypatch.setattr(_cpu_blas, "PARALLEL_MIN_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

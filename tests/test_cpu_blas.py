@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import layer_parallel_forced
 
 import fastguide as fg
 from fastguide import _cpu_blas as cb
@@ -16,12 +17,8 @@ needs_pool = pytest.mark.skipif(not cb._omp_set_num_threads(), reason="torch doe
 
 @pytest.fixture
 def forced_parallel(monkeypatch):
-    monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "1")
-    monkeypatch.setattr(cb, "PARALLEL_MIN_WORK", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    yield
-    torch.set_num_threads(threads)
+    with layer_parallel_forced(monkeypatch):
+        yield
 
 
 def _centred64(x: torch.Tensor) -> torch.Tensor:
