@@ -139,6 +139,8 @@ def run_bench(benchmark, case_provider, case_inputs, device, rounds: int | None 
     )
     if not benchmark.disabled:
         benchmark.extra_info["peak_extra_bytes"] = fb.peak_memory(runner, device)
+        if device.type == "cpu":
+            benchmark.extra_info["peak_tensor_bytes"] = fb.cpu_tensor_peak(runner)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def target(state):
