@@ -369,7 +369,10 @@ def cpu_tensor_peak(runner: Runner) -> int | None:
     allocated on the calling thread, so fastguide's layer-parallel Gram path is switched off for the
     measurement (its workers write into the caller's Gram stack and allocate nothing on the raw-Gram
     route; on the chunked shifted route each worker holds one chunk of at most 4 MiB, where the serial
-    path holds one). None if the profiler is unavailable.
+    path holds one). One unmeasured run under the same setting comes first, so that buffers kept between
+    calls (fastguide's per-thread n x n mirror scratch, like a BLAS workspace) are in place and only
+    what a call allocates is counted, as with ``max_memory_allocated`` after a warm-up on CUDA. None if
+    the profiler is unavailable.
     """
     import tempfile
 
@@ -378,6 +381,11 @@ def cpu_tensor_peak(runner: Runner) -> int | None:
     old = os.environ.get("FASTGUIDE_CPU_LAYER_PARALLEL")
     os.environ["FASTGUIDE_CPU_LAYER_PARALLEL"] = "0"
     try:
+        state = runner.prepare()
+        try:
+            runner.run(state)
+        finally:
+            runner.finish(state)
         state = runner.prepare()
         try:
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
