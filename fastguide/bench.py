@@ -357,7 +357,7 @@ def malloc_steady_state() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
-def cpu_tensor_peak(runner: Runner) -> int | None:
+def cpu_tensor_peak(runner: Runner, warmup: bool = True) -> int | None:
     """CPU: peak bytes of live tensors allocated above the level at call start during one ``run``.
 
     The CPU analogue of ``torch.cuda.max_memory_allocated``: every allocation and free of torch's CPU
@@ -369,10 +369,10 @@ def cpu_tensor_peak(runner: Runner) -> int | None:
     allocated on the calling thread, so fastguide's layer-parallel Gram path is switched off for the
     measurement (its workers write into the caller's Gram stack and allocate nothing on the raw-Gram
     route; on the chunked shifted route each worker holds one chunk of at most 4 MiB, where the serial
-    path holds one). One unmeasured run under the same setting comes first, so that buffers kept between
-    calls (fastguide's per-thread n x n mirror scratch, like a BLAS workspace) are in place and only
-    what a call allocates is counted, as with ``max_memory_allocated`` after a warm-up on CUDA. None if
-    the profiler is unavailable.
+    path holds one). With ``warmup`` one unmeasured run under the same setting comes first, so that
+    buffers kept between calls (fastguide's per-thread n x n mirror scratch, like a BLAS workspace) are
+    in place and only what a call allocates is counted, as with ``max_memory_allocated`` after a warm-up
+    on CUDA. None if the profiler is unavailable.
     """
     import tempfile
 
@@ -381,11 +381,12 @@ def cpu_tensor_peak(runner: Runner) -> int | None:
     old = os.environ.get("FASTGUIDE_CPU_LAYER_PARALLEL")
     os.environ["FASTGUIDE_CPU_LAYER_PARALLEL"] = "0"
     try:
-        state = runner.prepare()
-        try:
-            runner.run(state)
-        finally:
-            runner.finish(state)
+        if warmup:
+            state = runner.prepare()
+            try:
+                runner.run(state)
+            finally:
+                runner.finish(state)
         state = runner.prepare()
         try:
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -1581,7 +1582,7 @@ def _memory_record(
         rec["peak_extra_minus_grads_bytes"] = pk - case.grad_bytes
         rec["peak_extra_per_gram_budget"] = (pk - case.grad_bytes) / case.gram_bytes
     if device.type == "cpu":
-        tp = cpu_tensor_peak(r)  # allocator level, like max_memory_allocated on CUDA
+        tp = cpu_tensor_peak(r, warmup=warmup)  # allocator level, like max_memory_allocated on CUDA
         rec["peak_tensor_bytes"] = tp
         if tp is not None:
             rec["peak_tensor_per_gram_budget"] = (tp - case.grad_bytes) / case.gram_bytes
