@@ -1955,7 +1955,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=None,
-        help="wall-clock seconds shared by the timed rounds of all cases (default: 75 at cpu scale, "
+        help="wall-clock seconds shared by the timed rounds of all cases (default: 65 at cpu scale, "
         "45 with --quick, none on CUDA); set-up, checks and compilation come on top",
     )
     p.add_argument("--only", nargs="+", default=None, help="run cases whose name contains any of these words")
@@ -1991,7 +1991,7 @@ def main(argv: list[str] | None = None) -> int:
         memory=not a.no_memory,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         slow_peers=True if a.slow_peers else None,
-        time_budget_s=a.budget if a.budget is not None else {"cpu": 75.0, "quick": 45.0}.get(scale),
+        time_budget_s=a.budget if a.budget is not None else {"cpu": 65.0, "quick": 45.0}.get(scale),
     )
     env = res["env"]
     wall = res["config"]["wall_s"]
