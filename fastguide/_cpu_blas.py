@@ -438,12 +438,8 @@ def sym_gram(
     # The raw route when it saves flops (syrk) or memory (a shifted copy of x would outweigh the
     # Gram, d >= n); small d < n keeps the plain path (shifted copy + one GEMM: two ops).
     if (use_syrk or d >= n) and _can_raw(x, acc) and _raw_ok(x, shift):
-        if use_syrk:
-            K = out if out is not None else torch.empty((n, n), dtype=acc)
-            _call(fn, x, K, 0.0)
-            _mirror_lower_(K)
-        else:
-            K = torch.mm(x, x.T, out=out) if out is not None else x @ x.T
+        K = out if out is not None else torch.empty((n, n), dtype=acc, device=x.device)
+        _raw_gram(x, K, fn if use_syrk else None)
         u, _, tr_shifted = _offset_terms(K)
         if float(n * shift.square().sum()) <= rho_max(d) * float(tr_shifted):
             if sq is not None:
@@ -454,6 +450,14 @@ def sym_gram(
     if sq is not None:
         sq.append(torch.linalg.vector_norm(x, dtype=acc).square())
     return _shifted_gram(x, shift, out, fn if use_syrk else None)
+
+
+def _raw_gram(x: torch.Tensor, K: torch.Tensor, fn) -> torch.Tensor:
+    """``x x^T`` of the raw x into K: ``syrk`` (``fn``) + mirror, or ``torch.mm`` when fn is None."""
+    if fn is None:
+        return torch.mm(x, x.T, out=K)
+    _call(fn, x, K, 0.0)
+    return _mirror_lower_(K)
 
 
 def _shifted_gram(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None, fn) -> torch.Tensor:
@@ -599,11 +603,7 @@ def _gram_worker(x: torch.Tensor, K: torch.Tensor, shift_fn, fn, eligible: bool)
         # 256 x 1024 Gram, ~7 % at 256 x 2048) outweighs what it saves: the exact check after the
         # product still catches a large offset, at the price of one wasted product for that layer.
         if n * n * d < PRECHECK_MIN_WORK or _raw_ok(x, shift_fn(x)):  # NaN: not raw
-            if fn is not None and 4 * d >= n:
-                _call(fn, x, K, 0.0)
-                _mirror_lower_(K)
-            else:
-                torch.mm(x, x.T, out=K)
+            _raw_gram(x, K, fn if 4 * d >= n else None)
             return True, None
     shift = shift_fn(x)
     _shifted_gram(x, shift, K, fn if 4 * d >= n else None)

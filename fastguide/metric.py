@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .functional import _check_options, _check_pairs, _hsic_table, _index, _plan, _prepare
+from .functional import _check_options, _check_pairs, _hsic_table, _index, _pair_list, _plan, _prepare
 
 
 class MinibatchCKA:
@@ -74,7 +74,7 @@ class MinibatchCKA:
         glob = [(i, off + j) for i, j in pairs]
         args = _plan(layers, [], glob, self.estimator, self.kernel, self.sigma, self.backend, self.route)
         flat = args[5]
-        plist = list(zip(flat[0::2], flat[1::2], strict=False))
+        plist = _pair_list(flat)
         hsic, _, s, ok, h, _, _, _ = _hsic_table(*args[:5], plist, *args[6:])
         # Back to the un-normalised scale (multiply by s_a s_b); degenerate layers count as 0.
         s64, h64 = s.double(), h.double()
