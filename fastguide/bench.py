@@ -417,9 +417,9 @@ def peak_memory(runner: Runner, device: torch.device, repeats: int = 3, warmup: 
     """Peak bytes allocated above the level at call start during one ``run`` (after ``prepare``).
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU (Linux): the resident-set high-water mark
-    (:func:`_cpu_peak_rss`, smallest of ``repeats`` runs after one warm-up run); the profiler's memory
-    records were not usable for this, as they net the frees inside an op against its allocations and
-    report them when the op ends.
+    (:func:`_cpu_peak_rss`, smallest of ``repeats`` runs, after one warm-up run with ``warmup``); the
+    allocator-level CPU figure is :func:`cpu_tensor_peak` (the profiler's per-event trace -- its
+    aggregated events net the frees inside an op against its allocations and are not usable for this).
     """
     try:
         if device.type != "cuda":
@@ -1878,8 +1878,8 @@ def run_suite(
     rounds = rounds or SCALES[scale]["rounds"]
     random.seed(seed)
     torch.manual_seed(seed)
-    if dev.type == "cpu" and sys.platform.startswith("linux"):
-        malloc_steady_state()
+    if dev.type == "cpu":
+        malloc_steady_state()  # a no-op without glibc
     t0 = time.perf_counter()
     peaks = measure_peaks(dev, quick=scale != "full") if dev.type == "cuda" else {}
     records = []
