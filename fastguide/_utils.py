@@ -84,9 +84,7 @@ def check_layers(layers: Sequence[torch.Tensor], names: Sequence[str], estimator
             )
     need = min_examples(estimator)
     if n0 < need:
-        raise ValueError(
-            f"the {estimator} estimator needs n >= {need} examples; got n={n0} (in {names[0]})"
-        )
+        raise ValueError(f"the {estimator} estimator needs n >= {need} examples; got n={n0} (in {names[0]})")
 
 
 def interpreting() -> bool:

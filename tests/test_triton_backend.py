@@ -61,6 +61,7 @@ def test_gradcheck_fp64_through_triton(estimator):
     a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     g = torch.randn(6, 4, dtype=torch.float64)
+
     def f(a, b):
         return fg.cka_pairs([a, b], [g, a], [(0, 0), (1, 0), (1, 1)], estimator=estimator, backend="triton")
 
