@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import all_gather_batch, batch_sizes, is_distributed
 from .functional import _check_options
 
 __all__ = ["Guidance", "align", "AlignHistory", "AUTO_TYPES", "auto_pairs", "first_tensor"]
@@ -80,6 +81,12 @@ def _batch_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     if isinstance(module, _SEQ_FIRST_TYPES) and not getattr(module, "batch_first", False) and t.dim() == 3:
         return t.transpose(0, 1)
     return t
+
+
+def _rank(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
 
 
 def auto_pairs(n_target: int, n_guide: int) -> list[tuple[int, int]]:
@@ -147,6 +154,16 @@ class Guidance:
             ``ReLU(inplace=True)`` modifies a hooked output); otherwise such a change raises.
         example: an input to resolve ``layers="auto"`` at construction (one ``no_grad`` forward of
             each network; target in its current mode, state restored).
+        gather: under ``torch.distributed`` (DDP/FSDP), gather every rank's activations before the
+            Grams so that CKA covers the global batch (:func:`fastguide.distributed.all_gather_batch`:
+            target activations with autograd, guide activations in the guide's hooks; ranks may
+            hold different batch sizes). Every rank then computes the same loss, and after DDP's/FSDP's
+            gradient averaging the parameters get the gradient of that global-batch loss. Costs per
+            step one all-gather per hooked layer (target and guide), one all-reduce of the gathered
+            gradient per target layer in the backward, and guide memory of one *global* activation.
+            A no-op without an initialised process group of two or more ranks. Default ``False``: each
+            rank's loss uses its local batch.
+        process_group: the group to gather over with ``gather=True`` (default: the world).
 
     A step is one ``loss()`` call: run ``target(x)``, then ``guidance.loss(x)``. ``loss(x)`` feeds
     ``x`` to the guide (a tuple is unpacked as positional arguments, a dict as keyword arguments,
@@ -173,6 +190,8 @@ class Guidance:
         tokens: str = "flatten",
         backend: str = "auto",
         example: Any = None,
+        gather: bool = False,
+        process_group: Any = None,
     ):
         if not isinstance(target, nn.Module) or not isinstance(guide, nn.Module):
             raise TypeError("target and guide must be nn.Module instances")
@@ -195,6 +214,8 @@ class Guidance:
                 f"weight must be a number or a callable weight(step); got {type(weight).__name__}"
             )
         _check_options(estimator, kernel, backend, tokens, "gram", sigma)
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool; got {type(gather).__name__}")
 
         target_params = {id(p) for p in target.parameters()}
         shared = [n for n, p in guide.named_parameters() if id(p) in target_params]
@@ -219,6 +240,10 @@ class Guidance:
         self.clone_inplace = clone_inplace
         self.tokens = tokens
         self.backend = backend
+        self.gather = gather
+        self.process_group = process_group
+        # Every rank's batch size for this step's gather (set in loss() before the guide forward).
+        self._sizes: list[int] | None = None
         self.step = 0
         self._last_cka: torch.Tensor | None = None
         self._closed = False
@@ -407,9 +432,17 @@ class Guidance:
                     "frozen under torch.no_grad() with requires_grad_(False) parameters"
                 )
             t = _batch_first(module, t)
-            self._g_batch[name] = t.shape[0]
             if self.check_finite and not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(f"guide layer {name!r} has non-finite values (NaN or inf)")
+            if self._sizes is not None:
+                if t.shape[0] != self._sizes[_rank(self.process_group)]:
+                    raise ValueError(
+                        f"batch-size mismatch: guide layer {name!r} has batch size {t.shape[0]} on this rank "
+                        f"but the target's batch here is {self._sizes[_rank(self.process_group)]}; feed the "
+                        "guide the same batch as the target"
+                    )
+                t = all_gather_batch(t, self.process_group, self._sizes)
+            self._g_batch[name] = t.shape[0]
             self._g_stats[name] = fastguide.layer_stats(
                 t,
                 estimator=self.estimator,
@@ -519,10 +552,19 @@ class Guidance:
                 raise FloatingPointError(f"target layer {n!r} has non-finite values (NaN or inf)")
             xs.append(t)
         del t_acts
+        if self.gather and is_distributed(self.process_group):
+            local = {x.shape[0] for x in xs}
+            if len(local) != 1:
+                raise ValueError(f"target layers have different batch sizes {sorted(local)}; cannot gather")
+            sizes = batch_sizes(xs[0].shape[0], xs[0].device, self.process_group)
+            xs = [all_gather_batch(x, self.process_group, sizes) for x in xs]
+        else:
+            sizes = None
 
         self._check_guide_frozen()
         self._g_stats, self._g_batch = {}, {}
         try:
+            self._sizes = sizes  # read by the guide hooks, which gather the guide's activations
             with torch.no_grad(), self._guide_autocast():
                 self.guide(*g_args, **g_kwargs)
             missing = [n for n in self._g_names if n not in self._g_stats]
@@ -531,6 +573,7 @@ class Guidance:
             ys = [self._g_stats[n] for n in self._g_names]
         finally:
             self._g_stats = {}
+            self._sizes = None
         for i, j in self._pair_idx:
             n_t, n_g = xs[i].shape[0], self._g_batch[self._g_names[j]]
             if n_t != n_g:
