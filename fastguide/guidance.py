@@ -157,10 +157,12 @@ class Guidance:
         gather: under ``torch.distributed`` (DDP/FSDP), gather every rank's activations before the
             Grams so that CKA covers the global batch (:func:`fastguide.distributed.all_gather_batch`:
             target activations with autograd, guide activations in the guide's hooks; ranks may
-            hold different batch sizes). Every rank then computes the same loss, and after DDP's/FSDP's
-            gradient averaging the parameters get the gradient of that global-batch loss. Costs per
+            hold different batch sizes). Every rank then computes the same loss, and after DDP's gradient
+            averaging the parameters get the gradient of that global-batch loss (tested with DDP on
+            Gloo; FSDP's default gradient reduction averages the same way). Costs per
             step one all-gather per hooked layer (target and guide), one all-reduce of the gathered
-            gradient per target layer in the backward, and guide memory of one *global* activation.
+            gradient per target layer in the backward, guide memory of one *global* activation, and on
+            every rank the Grams of the global batch (world_size^2 times the local Gram flops).
             A no-op without an initialised process group of two or more ranks. Default ``False``: each
             rank's loss uses its local batch.
         process_group: the group to gather over with ``gather=True`` (default: the world).
@@ -628,7 +630,8 @@ class Guidance:
         mapping = f"{len(self._pair_idx)} pairs" if self._resolved else "layers='auto' (unresolved)"
         return (
             f"Guidance({mapping}, estimator={self.estimator!r}, kernel={self.kernel!r}, "
-            f"reduction={self.reduction!r}, every={self.every}, until={self.until}, step={self.step})"
+            f"reduction={self.reduction!r}, every={self.every}, until={self.until}, step={self.step}"
+            + (", gather=True)" if self.gather else ")")
         )
 
 
