@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._utils import as_examples
 from .distributed import all_gather_batch, batch_sizes, is_distributed
 from .functional import _check_options
 
@@ -166,6 +167,12 @@ class Guidance:
             A no-op without an initialised process group of two or more ranks. Default ``False``: each
             rank's loss uses its local batch.
         process_group: the group to gather over with ``gather=True`` (default: the world).
+        route: what the guide's hooks keep of a layer (linear kernel). ``"auto"`` (default): the layer's
+            examples matrix itself (a detached (n, d) copy) when it is narrower than the batch (d < n,
+            e.g. token-level layers with ``tokens="samples"``), so that memory is n*d instead of an n x n
+            Gram and the loss may take the feature route (chosen by counted flops, as in
+            :func:`fastguide.cka_pairs`); otherwise the n x n Gram statistics. ``"gram"``: always the
+            Gram statistics. ``"feature"``: always the features, and the loss on the feature route.
 
     A step is one ``loss()`` call: run ``target(x)``, then ``guidance.loss(x)``. ``loss(x)`` feeds
     ``x`` to the guide (a tuple is unpacked as positional arguments, a dict as keyword arguments,
@@ -194,6 +201,7 @@ class Guidance:
         example: Any = None,
         gather: bool = False,
         process_group: Any = None,
+        route: str = "auto",
     ):
         if not isinstance(target, nn.Module) or not isinstance(guide, nn.Module):
             raise TypeError("target and guide must be nn.Module instances")
@@ -215,7 +223,9 @@ class Guidance:
             raise TypeError(
                 f"weight must be a number or a callable weight(step); got {type(weight).__name__}"
             )
-        _check_options(estimator, kernel, backend, tokens, "gram", sigma)
+        _check_options(estimator, kernel, backend, tokens, route, sigma)
+        if route == "feature" and kernel != "linear":
+            raise ValueError("route='feature' needs kernel='linear'")
         if not isinstance(gather, bool):
             raise TypeError(f"gather must be a bool; got {type(gather).__name__}")
 
@@ -243,6 +253,7 @@ class Guidance:
         self.tokens = tokens
         self.backend = backend
         self.gather = gather
+        self.route = route
         self.process_group = process_group
         # Every rank's batch size for this step's gather (set in loss() before the guide forward).
         self._sizes: list[int] | None = None
@@ -445,6 +456,13 @@ class Guidance:
                     )
                 t = all_gather_batch(t, self.process_group, self._sizes)
             self._g_batch[name] = t.shape[0]
+            if self.kernel == "linear" and self.route != "gram":
+                y2 = as_examples(t, self.tokens, f"guide layer {name!r}")
+                if self.route == "feature" or y2.shape[1] < y2.shape[0]:
+                    # Narrower than the batch: the features themselves (n*d) are smaller than a Gram (n^2).
+                    # A copy, so that later in-place ops of the guide cannot change them.
+                    self._g_stats[name] = y2.detach().clone()
+                    return
             self._g_stats[name] = fastguide.layer_stats(
                 t,
                 estimator=self.estimator,
@@ -584,18 +602,31 @@ class Guidance:
                     f"layer {self._g_names[j]!r} has {n_g}; feed the guide the same batch as the target"
                 )
         dev = xs[0].device
-        if hasattr(ys[0], "to"):
-            ys = [s.to(dev) for s in ys]
-        ckas = fastguide.cka_pairs(
-            xs,
-            ys,
-            self._pair_idx,
-            estimator=self.estimator,
-            kernel=self.kernel,
-            sigma=self.sigma,
-            backend=self.backend,
-            tokens=self.tokens,
-        )
+        ys = [s.to(dev) for s in ys]
+        # Pairs whose guide layer was kept as features and pairs with Gram statistics go to one call
+        # each: a call with any precomputed Gram statistics runs on the Gram route.
+        groups: dict[bool, list[int]] = {}
+        for p, (_, j) in enumerate(self._pair_idx):
+            groups.setdefault(isinstance(ys[j], torch.Tensor), []).append(p)
+        parts, order = [], []
+        for feats, ps in groups.items():
+            parts.append(
+                fastguide.cka_pairs(
+                    xs,
+                    ys,
+                    [self._pair_idx[p] for p in ps],
+                    estimator=self.estimator,
+                    kernel=self.kernel,
+                    sigma=self.sigma,
+                    backend=self.backend,
+                    tokens=self.tokens,
+                    route=self.route if feats else "gram",
+                )
+            )
+            order.extend(ps)
+        ckas = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if order != sorted(order):
+            ckas = ckas[torch.tensor(order, device=ckas.device).argsort()]
         self._last_cka = ckas.detach()
         per_pair = 1.0 - ckas
         loss = per_pair.sum() if self.reduction == "sum" else per_pair.mean()

@@ -487,3 +487,93 @@ def test_align_tokens_reproducible():
     a, b = run(), run()
     assert a.pairs == [("rnns.0", "blocks.0"), ("rnns.1", "blocks.1")]
     torch.testing.assert_close(a.cka, b.cka, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ guide statistics: features or Grams
+
+
+class _Tokens(nn.Module):
+    """(B, T, d_in) -> per-token Linear layers; the hooked outputs are (B, T, width) token activations."""
+
+    def __init__(self, widths, d_in=6, inplace=False):
+        super().__init__()
+        dims = [d_in, *widths]
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.act = nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = self.act(lin(x))
+        return x
+
+
+def _token_guidance(target, guide, route, pairs, **kw):
+    return fastguide.Guidance(
+        target, guide, layers=pairs, tokens="samples", estimator="unbiased", route=route, **kw
+    )
+
+
+@pytest.mark.parametrize("route", ["auto", "feature"])
+def test_guide_kept_as_features_matches_gram_route(route, monkeypatch):
+    # n = B*T = 48 token examples; guide widths 8 and 12 < n: "auto" keeps the features, not Grams.
+    torch.manual_seed(0)
+    target, guide = _Tokens([10, 7]), _Tokens([8, 12])
+    pairs = [("lins.0", "lins.1"), ("lins.1", "lins.0")]
+    x = torch.randn(4, 12, 6)
+    out = {}
+    for r in ("gram", route):
+        g = _token_guidance(target, guide, r, pairs)
+        target.zero_grad()
+        if r != "gram":  # the features route must not reduce guide layers to Grams in the hooks
+            monkeypatch.setattr(fastguide, "layer_stats", lambda *a, **k: pytest.fail("Gram stats made"))
+        target(x)
+        loss = g.loss(x)
+        loss.backward()
+        out[r] = (loss.detach(), g.last_cka, [p.grad.clone() for p in target.parameters()])
+        g.close()
+        monkeypatch.undo()
+    torch.testing.assert_close(out[route][0], out["gram"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[route][1], out["gram"][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[route][2], out["gram"][2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_guide_statistics_keep_pair_order():
+    # Guide widths 5 (< n = 16: features) and 40 (> n: Gram); pairs interleave the two kinds.
+    torch.manual_seed(1)
+    target, guide = _Tokens([9, 11, 7]), _Tokens([5, 40, 6])
+    pairs = [("lins.0", "lins.1"), ("lins.1", "lins.0"), ("lins.2", "lins.1"), ("lins.2", "lins.2")]
+    x = torch.randn(2, 8, 6)
+    res = {}
+    for r in ("gram", "auto"):
+        g = _token_guidance(target, guide, r, pairs)
+        target(x)
+        res[r] = (g.loss(x).detach(), g.last_cka)
+        g.close()
+    torch.testing.assert_close(res["auto"][1], res["gram"][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res["auto"][0], res["gram"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_feature_copy_survives_inplace_guide_ops():
+    # The guide's ReLU(inplace=True) rewrites each hooked Linear output after the hook ran.
+    torch.manual_seed(2)
+    target = _Tokens([9, 7])
+    guide_a, guide_b = _Tokens([5, 6], inplace=True), _Tokens([5, 6])
+    guide_b.load_state_dict(guide_a.state_dict())
+    pairs = [("lins.0", "lins.0"), ("lins.1", "lins.1")]
+    x = torch.randn(3, 8, 6)
+    vals = []
+    for guide, r in ((guide_a, "auto"), (guide_b, "gram")):
+        g = _token_guidance(target, guide, r, pairs)
+        target(x)
+        vals.append(g.loss(x).detach())
+        g.close()
+    torch.testing.assert_close(vals[0], vals[1], rtol=1e-5, atol=1e-6)
+
+
+def test_route_option_errors(pair):
+    target, guide = pair
+    with pytest.raises(ValueError, match="route"):
+        fastguide.Guidance(target, guide, route="fast")
+    with pytest.raises(ValueError, match="route='feature' needs kernel='linear'"):
+        fastguide.Guidance(target, guide, route="feature", kernel="rbf")
