@@ -598,14 +598,16 @@ def _gram_worker(x: torch.Tensor, K: torch.Tensor, shift_fn, fn, eligible: bool)
     Gram's trace). Otherwise the chunked shifted product and ``sq = ||x||_F^2``.
     """
     n, d = x.shape
+    shift = None
     if eligible:
         # Below PRECHECK_MIN_WORK the pre-check's fixed cost (0.13 ms a layer in a worker: ~10 % of a
         # 256 x 1024 Gram, ~7 % at 256 x 2048) outweighs what it saves: the exact check after the
         # product still catches a large offset, at the price of one wasted product for that layer.
-        if n * n * d < PRECHECK_MIN_WORK or _raw_ok(x, shift_fn(x)):  # NaN: not raw
+        if n * n * d < PRECHECK_MIN_WORK or _raw_ok(x, shift := shift_fn(x)):  # NaN: not raw
             _raw_gram(x, K, fn if 4 * d >= n else None)
             return True, None
-    shift = shift_fn(x)
+    if shift is None:  # the pre-check's shift serves the shifted route too
+        shift = shift_fn(x)
     _shifted_gram(x, shift, K, fn if 4 * d >= n else None)
     return False, torch.linalg.vector_norm(x, dtype=shift.dtype).square()
 

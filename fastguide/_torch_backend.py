@@ -41,10 +41,14 @@ def degenerate_threshold(x: torch.Tensor, sq: torch.Tensor | None = None) -> tor
 
     ``sq``: ``||x||_F^2`` when the caller already has it (e.g. the trace of the raw Gram).
     """
-    eps = torch.finfo(x.dtype).eps
     if sq is None:
         sq = torch.linalg.vector_norm(x, dtype=acc_dtype(x.dtype)).square()
-    return (4.0 * eps) ** 2 * sq
+    return degenerate_factor(x.dtype) * sq
+
+
+def degenerate_factor(dtype: torch.dtype) -> float:
+    """``(4 eps)^2`` of an input dtype: the degeneracy threshold per unit of ``||x||_F^2``."""
+    return (4.0 * torch.finfo(dtype).eps) ** 2
 
 
 def center_gram_(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +124,8 @@ def gram_fwd(
         for l, x in enumerate(xs):
             sym_gram(x, shift(x), out=C[l], centring_only=True, sq=sqs)
         sq = torch.stack(sqs).to(dt)
-    thr = torch.stack([degenerate_threshold(x, q) for x, q in zip(xs, sq, strict=True)])
+    # degenerate_threshold of every layer at once (one op, not one per layer).
+    thr = torch.tensor([degenerate_factor(x.dtype) for x in xs], dtype=dt, device=dev) * sq
     if kernel == "linear":
         C, t = center_gram_(C, estimator)
         # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._utils import as_examples
@@ -82,12 +83,6 @@ def _batch_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     if isinstance(module, _SEQ_FIRST_TYPES) and not getattr(module, "batch_first", False) and t.dim() == 3:
         return t.transpose(0, 1)
     return t
-
-
-def _rank(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group)
 
 
 def auto_pairs(n_target: int, n_guide: int) -> list[tuple[int, int]]:
@@ -448,11 +443,11 @@ class Guidance:
             if self.check_finite and not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(f"guide layer {name!r} has non-finite values (NaN or inf)")
             if self._sizes is not None:
-                if t.shape[0] != self._sizes[_rank(self.process_group)]:
+                mine = self._sizes[dist.get_rank(self.process_group)]
+                if t.shape[0] != mine:
                     raise ValueError(
                         f"batch-size mismatch: guide layer {name!r} has batch size {t.shape[0]} on this rank "
-                        f"but the target's batch here is {self._sizes[_rank(self.process_group)]}; feed the "
-                        "guide the same batch as the target"
+                        f"but the target's batch here is {mine}; feed the guide the same batch as the target"
                     )
                 t = all_gather_batch(t, self.process_group, self._sizes)
             self._g_batch[name] = t.shape[0]
