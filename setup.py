@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 version = re.search(
@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `kernels/` is installed as `fastguide.kernels`: a top-level `kernels` package collides on PyPI.
-    packages=["fastguide", "fastguide.experiments", "fastguide.kernels"],
+    packages=["fastguide", *(f"fastguide.{p}" for p in find_packages("fastguide")), "fastguide.kernels"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton", "numpy", "scipy", "threadpoolctl"],
     extras_require={
