@@ -10,5 +10,5 @@ CASES = ["W2 matrix fwd", "W3 matrix fwd"]
 
 def test_matrix(benchmark, case_provider, case_inputs, device):
     case, prov = case_provider
-    # ckatorch is ~50x slower (float64, per pair): one round is enough to place it.
+    # ckatorch (float64, pair by pair) is far slower than the rest: one round is enough to place it.
     run_bench(benchmark, case_provider, case_inputs, device, rounds=1 if prov == "ckatorch" else None)

@@ -5,7 +5,9 @@
   is ``smoke`` under ``--benchmark-disable`` (the CI harness smoke test), else ``full`` on CUDA and
   ``cpu`` otherwise.
 * Every (case, provider) is one test, grouped by case; Triton providers carry the ``gpu`` marker and
-  are skipped without CUDA. Each provider is checked against the float64 oracle before timing.
+  are skipped without CUDA. Cases, providers, the oracle check, warm-up, peak memory, rates and the
+  roofline floor are those of ``python -m fastguide bench`` (:func:`fastguide.bench.measure_provider`);
+  only the timed samples come from pytest-benchmark (``benchmark.pedantic``), one provider at a time.
 
 Examples::
 
@@ -16,6 +18,7 @@ Examples::
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -35,7 +38,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--fg-compile",
         action="store_true",
-        help="include torch.compile providers at smoke scale too (each compile takes ~30 s on CPU)",
+        help="include torch.compile providers at smoke scale too (slow: docs/benchmark-harness.md)",
     )
 
 
@@ -109,48 +112,44 @@ def case_inputs(case_provider, device):
     return _INPUTS[case.key]
 
 
+def _env(device) -> dict:
+    if "env" not in _ENV:
+        _ENV["env"] = fb.env_info(device)
+    return _ENV["env"]
+
+
+def _peaks(device) -> dict:
+    if "peaks" not in _ENV:
+        _ENV["peaks"] = fb.measure_peaks(device)
+    return _ENV["peaks"]
+
+
+_ENV: dict = {}
+
+
 def run_bench(benchmark, case_provider, case_inputs, device, rounds: int | None = None):
-    """Check one provider against the oracle, then time it with ``benchmark.pedantic``."""
+    """One provider through the harness's measuring function (:func:`fastguide.bench.measure_provider`:
+    availability, oracle check, warm-up, peak memory), then timed by ``benchmark.pedantic``."""
     case, prov = case_provider
-    why = fb._provider_available(prov, device)
-    if why:
-        pytest.skip(why)
-    runner = case.providers[prov](case_inputs, device)
-    if runner.check is not None:
-        chk = runner.check()
-        assert chk.get("ok"), f"{prov} failed the correctness check on {case.key}: {chk}"
-        benchmark.extra_info["check"] = chk
+    enabled = not benchmark.disabled
+    m = fb.measure_provider(case, prov, case_inputs, device, warm=enabled, memory=enabled)
+    if m.error is not None:
+        raise m.error
+    if m.failed_check:
+        pytest.fail(f"{prov} failed the correctness check on {case.key}: {m.record['check']}")
+    if m.runner is None:
+        pytest.skip(m.record["skipped"])
+    runner = m.runner
+    env = _env(device)
     benchmark.group = case.key
-    env = fb.env_info(device)
+    benchmark.extra_info.update(m.record)
     benchmark.extra_info.update(
-        {
-            "case": case.key,
-            "provider": prov,
-            "title": case.title,
-            "device": env["device_name"],
-            "torch": env["torch"],
-            "triton": env["triton"],
-            "dtype": case.dtype,
-            "estimator": case.estimator,
-            "shapes": repr(case.shapes),
-            "model_flops": case.model_flops,
-            "model_bytes": case.model_bytes,
-        }
+        {"device_name": env["device_name"], "torch": env["torch"], "triton": env["triton"]}
     )
-    if not benchmark.disabled:
-        benchmark.extra_info["peak_extra_bytes"] = fb.peak_memory(runner, device)
-        if device.type == "cpu":
-            benchmark.extra_info["peak_tensor_bytes"] = fb.cpu_tensor_peak(runner)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    def target(state):
-        runner.run(state)
-        sync()
-
     if rounds is None:
         rounds = 1 if benchmark.disabled else (10 if device.type == "cuda" else 5)
     benchmark.pedantic(
-        target,
+        functools.partial(fb.run_synced, runner, device),
         setup=lambda: ((runner.prepare(),), {}),
         teardown=runner.finish,
         rounds=rounds,
@@ -162,29 +161,9 @@ def run_bench(benchmark, case_provider, case_inputs, device, rounds: int | None 
     if stats is not None and getattr(stats, "stats", None) is not None:
         med = stats.stats.median
     if med:
-        if case.model_flops:
-            benchmark.extra_info["achieved_TFLOPs"] = case.model_flops / med / 1e12
-        if case.model_bytes:
-            benchmark.extra_info["achieved_GBps"] = case.model_bytes / med / 1e9
-    if device.type == "cuda" and case.mode in ("fwd", "fwd+bwd", "update"):
-        from triton.testing import do_bench
-
-        benchmark.extra_info["do_bench_median_ms"] = do_bench(lambda: runner.run(None), return_mode="median")
-        peaks = _peaks(device)
-        if case.model_flops and peaks:
-            floor = max(
-                case.model_bytes / (peaks["copy_GBps"] * 1e9),
-                case.model_flops / (peaks["gemm_fp32_TFLOPs"] * 1e12),
-            )
-            benchmark.extra_info["floor_ms"] = floor * 1e3
-            benchmark.extra_info["floor_ratio"] = benchmark.extra_info["do_bench_median_ms"] / 1e3 / floor
+        fb.add_rates(benchmark.extra_info, case, med)
+    db = fb.do_bench_ms(runner, case, device)
+    if db is not None:
+        benchmark.extra_info["do_bench_median_ms"] = db
+        fb.add_floor(benchmark.extra_info, case, _peaks(device), db / 1e3)
     return math.nan if med is None else med
-
-
-_PEAKS: dict = {}
-
-
-def _peaks(device):
-    if "p" not in _PEAKS:
-        _PEAKS["p"] = fb.measure_peaks(device)
-    return _PEAKS["p"]

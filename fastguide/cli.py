@@ -94,7 +94,7 @@ def _run_heatmap(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    # Parsed by fastguide.bench itself: everything after `bench` is passed through.
+    # Parsed by fastguide.bench.cli itself: everything after `bench` is passed through.
     p = sub.add_parser("bench", help="benchmark table (fastguide.bench)", add_help=False)
     p.set_defaults(func=None)
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        # Imported lazily: the benchmark harness is heavier and owned by fastguide/bench.py.
+        # Imported lazily: the benchmark harness (the package fastguide/bench/) is heavier.
         from . import bench
 
         return int(bench.main(argv[1:]) or 0)
