@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .functional import _check_options, _check_pairs, _hsic_table, _index, _pair_list, _plan, _prepare
+from . import _ops
+from ._utils import pair_index
+from ._validate import Options, check_pairs, layer_list, pair_types
 
 
 class MinibatchCKA:
@@ -34,15 +36,17 @@ class MinibatchCKA:
         tokens: str = "flatten",
         route: str = "auto",
     ) -> None:
-        _check_options(estimator, kernel, backend, tokens, route, sigma)
+        self._opts = Options(
+            estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route
+        )
         self.estimator, self.kernel, self.sigma = estimator, kernel, sigma
         self.backend, self.tokens, self.route = backend, tokens, route
-        self.pairs = None if pairs is None else [tuple(p) for p in pairs]
-        if self.pairs is not None:
-            _check_pairs(self.pairs, 1 << 62, 1 << 62)
+        # Type check now; the range is checked against the layer counts of the first update.
+        self._pairs_arg = None if pairs is None else pair_types(pairs)
         self.reset()
 
     def reset(self) -> None:
+        self.pairs: list[tuple[int, int]] | None = self._pairs_arg
         self.shape: tuple[int, int] | None = None
         self.symmetric: bool | None = None
         self.cross: torch.Tensor | None = None
@@ -54,14 +58,14 @@ class MinibatchCKA:
 
     @torch.no_grad()
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> None:
-        xs2 = _prepare(xs, "xs", self.tokens)
-        ys2 = None if ys is None else _prepare(ys, "ys", self.tokens)
+        xs2 = layer_list(xs, "xs", self.tokens)
+        ys2 = None if ys is None else layer_list(ys, "ys", self.tokens)
         A = len(xs2)
         B = A if ys2 is None else len(ys2)
+        pairs = self.pairs
         if self.shape is None:
-            self.shape, self.symmetric = (A, B), ys2 is None
-            if self.pairs is not None:
-                self.pairs = _check_pairs(self.pairs, A, B)
+            if pairs is not None:
+                pairs = check_pairs(pairs, A, B)
         elif self.shape != (A, B) or self.symmetric != (ys2 is None):
             raise ValueError(
                 f"update() got {A} x-layers and {'no ys' if ys2 is None else f'{B} y-layers'}; earlier "
@@ -70,21 +74,12 @@ class MinibatchCKA:
             )
         layers = [x.detach() for x in xs2] + ([] if ys2 is None else [y.detach() for y in ys2])
         off = 0 if ys2 is None else A
-        pairs = self.pairs if self.pairs is not None else [(i, j) for i in range(A) for j in range(B)]
-        glob = [(i, off + j) for i, j in pairs]
-        args = _plan(layers, [], glob, self.estimator, self.kernel, self.sigma, self.backend, self.route)
-        flat = args[5]
-        plist = _pair_list(flat)
-        hsic, _, s, ok, h, _, _, _ = _hsic_table(*args[:5], plist, *args[6:])
-        # Back to the un-normalised scale (multiply by s_a s_b); degenerate layers count as 0.
-        s64, h64 = s.double(), h.double()
-        self_all = torch.where(ok, h64 * s64 * s64, torch.zeros_like(h64))
-        pi, pj = _index(flat, s.device)
-        cross = torch.where(
-            ok[pi] & ok[pj], hsic.double() * s64[pi] * s64[pj], torch.zeros_like(hsic, dtype=torch.float64)
-        )
+        glob = [(i, off + j) for i, j in (pairs or [(i, j) for i in range(A) for j in range(B)])]
+        cross, self_all = _ops.batch_hsic(_ops.build_plan(layers, [], glob, self._opts))
         sx = self_all[:A]
         sy = self_all[:A] if ys2 is None else self_all[A:]
+        if self.shape is None:
+            self.shape, self.symmetric, self.pairs = (A, B), ys2 is None, pairs
         if self.cross is None:
             self.cross, self.self_x, self.self_y = cross, sx, sy
         else:
@@ -107,7 +102,7 @@ class MinibatchCKA:
         rx = torch.where(sx > 0, sx, torch.ones_like(sx)).sqrt()
         ry = torch.where(sy > 0, sy, torch.ones_like(sy)).sqrt()
         if self.pairs is not None:
-            pi, pj = _index([v for p in self.pairs for v in p], cross.device)
+            pi, pj = pair_index([v for p in self.pairs for v in p], cross.device)
             valid = (sx[pi] > 0) & (sy[pj] > 0)
             return torch.where(valid, cross / (rx[pi] * ry[pj]), torch.zeros_like(cross))
         A, B = self.shape
