@@ -37,7 +37,7 @@ def _arg(schema: str):
     return field(metadata={"schema": schema})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no value equality: compare plans by identity
 class Plan:
     """Everything one call of ``fastguide::cka_fwd`` needs; its fields are the op's arguments, in order.
 

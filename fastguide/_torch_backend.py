@@ -4,7 +4,7 @@ A backend is a module with the same five functions; the ops (:mod:`fastguide._op
 (:mod:`fastguide._triton_backend` is the other) and never branch on it:
 
 * :func:`gram_fwd` -- per-layer statistics of a layer stack (C, s, ok, h, sigma);
-* :func:`pair_dots` -- ``<C_i, C_j>`` of the requested pairs (the un-normalised HSIC table);
+* :func:`pair_dots` -- ``<C_i, C_j>`` of the requested pairs (HSIC before the division by N);
 * :func:`layer_grad` -- one layer's gradient ``(2 / s) G X^`` (or the RBF form);
 * :func:`feature_fwd` / :func:`feature_bwd` -- the feature route (linear kernel, n > d): the same
   HSICs and gradients from ``X^T Y`` products and O(nd) vectors, without any n x n matrix.

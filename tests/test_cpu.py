@@ -115,6 +115,19 @@ def test_pool_is_per_process(monkeypatch):
     assert pool.layer_pool(2) is not a
 
 
+@needs_pool
+def test_pool_follows_the_openblas_setting():
+    """Workers are prepared for OpenBLAS when they start: switching it on starts a fresh pool."""
+    with _config.override(cpu_openblas=False):
+        a = pool.layer_pool(2)
+    with _config.override(cpu_openblas=True):
+        b = pool.layer_pool(2)
+        if not blas.openblas():
+            pytest.skip("no usable SciPy OpenBLAS here")
+        assert pool.layer_pool(2) is b
+    assert b is not a and a._shutdown
+
+
 @pytest.mark.parametrize("n", [64, 100, 257, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mirror_fills_upper_triangle_exactly(n, dtype):

@@ -43,17 +43,21 @@ def _single_thread() -> None:
 
 
 def layer_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's worker pool of ``workers`` threads (a forked child gets its own)."""
+    """The process's worker pool of ``workers`` threads (a forked child gets its own).
+
+    Keyed on whether SciPy's OpenBLAS is in use too: the workers' initializer makes it single-threaded,
+    so switching ``cpu_openblas`` on later starts a new pool rather than reuse unprepared workers.
+    """
     global _POOL
-    key = (os.getpid(), workers)
-    openblas()  # loaded before the workers start (their initializer sets its thread-local count)
+    key = (os.getpid(), workers, bool(openblas()))  # OpenBLAS is loaded before the workers start
     if _POOL is None or _POOL[0] != key:
         with _lock:
             if _POOL is None or _POOL[0] != key:
-                _POOL = (
-                    key,
-                    ThreadPoolExecutor(workers, thread_name_prefix=_PREFIX, initializer=_single_thread),
-                )
+                old = _POOL
+                pool = ThreadPoolExecutor(workers, thread_name_prefix=_PREFIX, initializer=_single_thread)
+                _POOL = (key, pool)
+                if old is not None and old[0][0] == key[0]:  # never touch a parent's pool after a fork
+                    old[1].shutdown(wait=False)
     return _POOL[1]
 
 
