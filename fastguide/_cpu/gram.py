@@ -43,9 +43,9 @@ def syrk_for(dtype: torch.dtype, n: int, d: int, threads: int, worker: bool = Fa
 
     The fixed rule of docs/cpu-path.md, no timing: never when ``4 d < n`` (the mirror costs more than
     the half product saves); with ``cpu_syrk="auto"`` only single-threaded (one torch thread, or a layer
-    worker), where syrk measured 1.2-1.7x faster than ``X @ X.T`` and multi-threaded MKL syrk slower
-    than its GEMM; ``"on"`` whenever the shape allows, ``"off"`` never. Workers (``worker=True``)
-    prefer SciPy's OpenBLAS. Callers on the single-layer path add ``n^2 d >= SYRK_MIN_WORK``.
+    worker: where syrk beats ``X @ X.T``, while threaded MKL syrk loses to its GEMM); ``"on"`` whenever
+    the shape allows, ``"off"`` never. Workers (``worker=True``) prefer SciPy's OpenBLAS. Callers on
+    the single-layer path add ``n^2 d >= SYRK_MIN_WORK``.
     """
     mode = _config.get().cpu_syrk
     if mode == "off" or 4 * d < n or (mode == "auto" and threads > 1):
