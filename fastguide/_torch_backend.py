@@ -1,41 +1,31 @@
-"""The fastguide algorithm in plain torch (CPU, and the fallback on GPU).
+"""The fastguide algorithm in plain torch (CPU, and the fallback on GPU): one of the two backends.
 
-Names follow DESIGN.md section 2. Per layer a (an (n, d) matrix of examples):
+A backend is a module with the same five functions; the ops (:mod:`fastguide._ops`) pick one
+(:mod:`fastguide._triton_backend` is the other) and never branch on it:
 
-* shift: the mean of the first ``min(n, 32)`` rows, subtracted on load -> ``X^`` (removes the fp32
-  cancellation of large offsets; CKA is invariant to any per-column shift);
-* Gram ``K = X^ X^T`` (one per layer, never one per pair);
-* centring: ``H K H`` (biased) or the U-centring ``U(K)`` (unbiased), never forming H;
-* normalisation by the mean diagonal ``s = tr(HKH) / n``: ``C = centred(K) / s``;
-* self-HSIC ``h = <C, C> / N``; degenerate flag ``ok`` (section 3).
+* :func:`gram_fwd` -- per-layer statistics of a layer stack (C, s, ok, h, sigma);
+* :func:`pair_dots` -- ``<C_i, C_j>`` of the requested pairs (HSIC before the division by N);
+* :func:`layer_grad` -- one layer's gradient ``(2 / s) G X^`` (or the RBF form);
+* :func:`feature_fwd` / :func:`feature_bwd` -- the feature route (linear kernel, n > d): the same
+  HSICs and gradients from ``X^T Y`` products and O(nd) vectors, without any n x n matrix.
 
-Pairs: ``HSIC(a, b) = <C_a, C_b> / N``; CKA = ``HSIC / (sqrt(h_a) sqrt(h_b))``.
-Backward: ``dX_a = (2 / s_a) G_a X^_a`` with ``G_a = sum_b W[a, b] C_b`` and ``W`` built from the
-pair gradients by :func:`pair_weights`.
-
-The feature route (linear kernel, n > d) computes the same quantities from ``X^T Y`` products and
-O(nd) vectors without any n x n matrix; see :func:`feature_stats`.
+Names follow DESIGN.md section 2. Per layer a (an (n, d) matrix of examples): the shift
+(:func:`fastguide._utils.shift_of`) subtracted on load -> ``X^``; Gram ``K = X^ X^T`` (one per layer);
+centring ``H K H`` (biased) or ``U(K)`` (unbiased), never forming H; normalisation by the mean diagonal
+``s = tr(HKH) / n``: ``C = centred(K) / s``; self-HSIC ``h = <C, C> / N``; degenerate flag ``ok``
+(section 3). Pairs: ``HSIC(a, b) = <C_a, C_b> / N``; CKA = ``HSIC / (sqrt(h_a) sqrt(h_b))``.
+Backward: ``dX_a = (2 / s_a) G_a X^_a`` with ``G_a = sum_b W[a, b] C_b`` (:func:`pair_weights`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._cpu_blas import SHIFT_ROWS, gram_stack, shifted_matmul, sym_gram
-from ._utils import acc_dtype, hsic_norm
+from ._cpu import gram_stack, shifted_matmul, sym_gram
+from ._utils import acc_dtype, hsic_norm, shift_of, shifted
 
 
 # --------------------------------------------------------------------------- per-layer statistics
-def shift_of(x: torch.Tensor) -> torch.Tensor:
-    """The per-column shift ``mean(x[:min(n, 32)])`` in the accumulation dtype, (d,)."""
-    return x[:SHIFT_ROWS].to(acc_dtype(x.dtype)).mean(dim=0)
-
-
-def shifted(x: torch.Tensor) -> torch.Tensor:
-    """``X^ = x - mean(x[:min(n, 32)])`` in the accumulation dtype (a new (n, d) tensor)."""
-    return x.to(acc_dtype(x.dtype)) - shift_of(x)
-
-
 def degenerate_threshold(x: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
     """``(4 eps)^2 ||x||_F^2`` of the raw input, eps of the input dtype (DESIGN.md section 3).
 
@@ -103,8 +93,8 @@ def gram_fwd(
     """Per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,)).
 
     One Gram per layer (symmetric product, written into its slot of the stack; on CPU several layers
-    at once, one per core: :func:`_cpu_blas.gram_stack`), then centring, normalisation and self-HSICs
-    batched over the whole stack.
+    at once, one per core: :func:`fastguide._cpu.gram_stack`), then centring, normalisation and
+    self-HSICs batched over the whole stack.
     """
     n = xs[0].shape[0]
     N = hsic_norm(n, estimator)
@@ -115,14 +105,11 @@ def gram_fwd(
     # K = X^ X^T: symmetric (BLAS syrk on CPU), shifted in column chunks (no full copy of x); only
     # H K H / U(K) / distances use it (centring_only). ||x||^2 for the degeneracy threshold comes from
     # the raw Gram's trace when the raw route ran (no extra pass over x).
-    def shift(x: torch.Tensor) -> torch.Tensor:
-        return shift_of(x).to(dt)
-
-    sq = gram_stack(xs, shift, C)
+    sq = gram_stack(xs, C)
     if sq is None:
         sqs: list = []
         for l, x in enumerate(xs):
-            sym_gram(x, shift(x), out=C[l], centring_only=True, sq=sqs)
+            sym_gram(x, shift_of(x).to(dt), out=C[l], centring_only=True, sq=sqs)
         sq = torch.stack(sqs).to(dt)
     # degenerate_threshold of every layer at once (one op, not one per layer).
     thr = torch.tensor([degenerate_factor(x.dtype) for x in xs], dtype=dt, device=dev) * sq
@@ -144,9 +131,8 @@ def gram_fwd(
         ok = ok & ~(t <= 0)
     s = torch.where(ok, t / n, torch.ones_like(t))
     C.div_(s[:, None, None])
-    # Cascade-summed squares per layer: CPU vector_norm loses ~2e-5 relative over 1M fp32 entries
-    # (n = 1024; CKA error 3e-5 > 1e-5) and a BLAS dot far more; a mul-sum over several layers at once
-    # was 0.5 ms faster at 48 layers of n = 256 but its transient (2 MiB) broke the W1 memory budget.
+    # Cascade-summed squares per layer: vector_norm and BLAS dots lose digits over n^2 fp32 entries,
+    # a batched mul-sum costs a transient (docs/numerics.md).
     h = torch.stack([(c * c).sum() for c in C]) / N
     ok = ok & ~(h <= 0)
     return C, s, ok, h, sig
@@ -160,12 +146,9 @@ DOT_CHUNK = 1 << 15
 def flat_dots(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B.T`` for (p, K) and (q, K) with K = n^2 (flattened Grams), accurate to ~1e-7 relative.
 
-    One fp32 GEMM over the whole K = n^2 is not: BLAS accumulates a long reduction in few partial sums,
-    and with few rows (p, q <= 4) MKL's error measured 2e-5 relative at n = 1024 and 5e-4 at n = 2048
-    (CKA errors 3e-5 and 2e-4 against the 1e-5 contract; the diagonal of a self-matrix came out as
-    0.99977). The reduction is therefore split into GEMMs of at most ``DOT_CHUNK`` = 32768 terms whose
-    (p, q) results are summed in float64: <= 5e-7 at n = 1024-4096, for 1.0-2.3x the time of the one
-    GEMM (a few ms at most, against the n^2 d Grams).
+    One fp32 GEMM over the whole K = n^2 is not (BLAS accumulates a long reduction in few partial
+    sums), so the reduction is split into GEMMs of at most ``DOT_CHUNK`` terms whose (p, q) results
+    are summed in float64 (measurements: docs/numerics.md).
     """
     K = A.shape[1]
     if K <= DOT_CHUNK or A.dtype == torch.float64:
@@ -215,6 +198,13 @@ def block_dots(
             inv[p] = pos
         vals = vals.index_select(0, torch.tensor(inv, device=vals.device))
     return vals
+
+
+def pair_dots(
+    stacks: list[torch.Tensor], index: list[tuple[int, int]], pairs: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Backend entry: ``<C_i, C_j>`` of each pair, a few GEMMs over views (:func:`block_dots`)."""
+    return block_dots(stacks, index, pairs)
 
 
 def cka_from_hsic(
@@ -285,6 +275,16 @@ def rbf_grad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, sig: torch.Tenso
     return out.to(x.dtype)
 
 
+def layer_grad(
+    x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor, sig: torch.Tensor, kernel: str
+) -> torch.Tensor:
+    """Backend entry: the gradient of one layer from its partners' matrices ``Cs`` and weights ``w``."""
+    if kernel == "rbf":
+        G = sum(wk * Ck for wk, Ck in zip(w, Cs, strict=False))
+        return rbf_grad(x, G, s, sig)
+    return grad_from_terms(x, Cs, w, s)
+
+
 # --------------------------------------------------------------------------- feature route
 def feature_prep(x: torch.Tensor):
     """Feature-route statistics of one layer: exactly centred, normalised ``Xb = H X^ / sqrt(s)``.
@@ -349,6 +349,52 @@ def feature_apply(Yb, ay, Z, estimator: str) -> torch.Tensor:
     )
 
 
+def feature_fwd(layers: list[torch.Tensor], pairs: list[tuple[int, int]], estimator: str):
+    """Backend entry, feature route: (hsic (P,), s, ok, h (each (L,))) of ``layers``, no n x n matrix.
+
+    ``hsic`` is normalised like ``<C_i, C_j> / N`` on the Gram route; ``ok`` includes the self-HSIC test.
+    """
+    feats = [feature_prep(x) for x in layers]
+    s = torch.stack([f[1] for f in feats])
+    ok = torch.stack([f[2] for f in feats])
+    h = torch.stack([feature_hsic(f[0], f[0], f[3], f[3], estimator, f[0].T @ f[0]) for f in feats])
+    ok = ok & ~(h <= 0)
+    hsic = torch.stack(
+        [
+            h[i] if i == j else feature_hsic(feats[i][0], feats[j][0], feats[i][3], feats[j][3], estimator)
+            for i, j in pairs
+        ]
+    )
+    return hsic, s, ok, h
+
+
+def feature_bwd(
+    layers: list[torch.Tensor],
+    W: torch.Tensor,
+    s: torch.Tensor,
+    which: list[int],
+    partners: dict[int, list[int]],
+    estimator: str,
+) -> list[torch.Tensor]:
+    """Backend entry, feature route: gradients of ``layers[a]`` for a in ``which``, from the pair weights W.
+
+    ``dX_a = (2 / sqrt(s_a)) H sum_b W[a, b] C_b Xb_a`` with each ``C_b Xb_a`` applied in feature
+    form (:func:`feature_apply`); ``partners[a]`` lists a itself and every layer it is paired with.
+    """
+    need = sorted({b for a in which for b in partners[a]})
+    feats = {b: feature_prep(layers[b]) for b in need}
+    out = []
+    for a in which:
+        Xb = feats[a][0]
+        acc = None
+        for b in partners[a]:
+            term = W[a, b] * feature_apply(feats[b][0], feats[b][3], Xb, estimator)
+            acc = term if acc is None else acc + term
+        g = (2.0 / s[a].sqrt()) * acc
+        out.append((g - g.mean(dim=0)).to(layers[a].dtype))
+    return out
+
+
 def feature_cost(ds: list[int], pairs: list[tuple[int, int]], n: int) -> tuple[float, float]:
     """Counted flops of the (feature, Gram) routes (DESIGN.md section 2)."""
     used = sorted({i for p in pairs for i in p})
@@ -359,13 +405,12 @@ def feature_cost(ds: list[int], pairs: list[tuple[int, int]], n: int) -> tuple[f
 
 __all__ = [
     "gram_fwd",
+    "pair_dots",
+    "layer_grad",
+    "feature_fwd",
+    "feature_bwd",
     "block_dots",
     "cka_from_hsic",
     "pair_weights",
-    "grad_from_terms",
-    "rbf_grad",
-    "feature_prep",
-    "feature_hsic",
-    "feature_apply",
     "feature_cost",
 ]

@@ -1,27 +1,15 @@
-"""Input guards, option checks, dtype maps and device/interpreter detection."""
+"""Small shared pieces: dtype rules, the HSIC normaliser, the load-time shift, device detection, cpu_name."""
 
 from __future__ import annotations
 
-import os
 import platform
-from collections.abc import Sequence
 
 import torch
 
-ESTIMATORS = ("unbiased", "biased")
-KERNELS = ("linear", "rbf")
-BACKENDS = ("auto", "torch", "triton")
-TOKENS = ("flatten", "mean", "samples")
-ROUTES = ("auto", "gram", "feature")
+from . import _config
 
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_option(value, name: str, allowed: Sequence[str]) -> str:
-    """Raise a ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-    return value
+#: Rows averaged for the per-column shift subtracted on load (DESIGN.md section 2).
+SHIFT_ROWS = 32
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,66 +17,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def min_examples(estimator: str) -> int:
-    return 4 if estimator == "unbiased" else 2
-
-
 def hsic_norm(n: int, estimator: str) -> float:
     """The HSIC denominator N: n(n-3) (unbiased) or (n-1)^2 (biased)."""
     return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
 
 
-def check_tensor(x, name: str) -> torch.Tensor:
-    """Type, dtype and emptiness checks for one activation tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if x.dtype not in _FLOATING:
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); got {x.dtype}"
-        )
-    if x.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension (examples first); got a 0-d tensor")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    return x
+def shift_of(x: torch.Tensor) -> torch.Tensor:
+    """The per-column shift ``mean(x[:min(n, 32)])`` in the accumulation dtype, (d,).
 
-
-def as_examples(x: torch.Tensor, tokens: str, name: str) -> torch.Tensor:
-    """View an activation as a 2-D (n, d) matrix of examples.
-
-    (n, ...) flattens everything after dim 0. A 3-D (B, T, D) input follows ``tokens``:
-    ``"flatten"`` -> (B, T*D), ``"mean"`` -> (B, D) mean over T, ``"samples"`` -> (B*T, D).
+    CKA is invariant to any per-column shift; subtracting this one on load removes the fp32
+    cancellation of large offsets in a single read (DESIGN.md section 2).
     """
-    if x.dim() == 3 and tokens == "mean":
-        return x.mean(dim=1)
-    if x.dim() == 3 and tokens == "samples":
-        return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
-    if x.dim() == 1:
-        return x.reshape(x.shape[0], 1)
-    return x.reshape(x.shape[0], -1)
+    return x[:SHIFT_ROWS].to(acc_dtype(x.dtype)).mean(dim=0)
 
 
-def check_layers(layers: Sequence[torch.Tensor], names: Sequence[str], estimator: str) -> None:
-    """Agreement checks across the 2-D layer views: same n, same device, n large enough."""
-    n0 = layers[0].shape[0]
-    dev0 = layers[0].device
-    for x, name in zip(layers, names, strict=True):
-        if x.shape[0] != n0:
-            raise ValueError(
-                f"all layers must have the same number of examples n; {names[0]} has n={n0} "
-                f"but {name} has n={x.shape[0]}"
-            )
-        if x.device != dev0:
-            raise ValueError(
-                f"all layers must be on one device; {names[0]} is on {dev0}, {name} on {x.device}"
-            )
-    need = min_examples(estimator)
-    if n0 < need:
-        raise ValueError(f"the {estimator} estimator needs n >= {need} examples; got n={n0} (in {names[0]})")
+def shifted(x: torch.Tensor) -> torch.Tensor:
+    """``X^ = x - mean(x[:min(n, 32)])`` in the accumulation dtype (a new (n, d) tensor)."""
+    return x.to(acc_dtype(x.dtype)) - shift_of(x)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``, read through :mod:`fastguide._config`)."""
+    return _config.get().triton_interpret
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -109,3 +59,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return name
+
+
+_INDEX_CACHE: dict = {}
+
+
+def pair_index(pairs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pi, pj) long index tensors of a flat pair list ``[i0, j0, i1, j1, ...]``, cached per list and
+    device (no host-to-device copy per step)."""
+    key = (tuple(pairs), device)
+    hit = _INDEX_CACHE.get(key)
+    if hit is None:
+        t = torch.tensor(list(pairs), dtype=torch.long, device=device).view(-1, 2)
+        hit = (t[:, 0].contiguous(), t[:, 1].contiguous())
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = hit
+    return hit

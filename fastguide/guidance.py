@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._utils import as_examples
+from ._validate import as_examples
+from ._validate import check_options as _check_options
 from .distributed import all_gather_batch, batch_sizes, is_distributed
-from .functional import _check_options
 
 __all__ = ["Guidance", "align", "AlignHistory", "AUTO_TYPES", "auto_pairs", "first_tensor"]
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._utils import check_option
-from .functional import LayerStats, _check_options, _check_pairs, cka_pairs
+from ._validate import Options, check_option, pair_types
+from .functional import LayerStats, cka_pairs
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -40,12 +40,10 @@ class CKALoss(nn.Module):
         route: str = "auto",
     ) -> None:
         super().__init__()
-        _check_options(estimator, kernel, backend, tokens, route, sigma)
+        Options(estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route)
         check_option(reduction, "reduction", REDUCTIONS)
-        # Type/shape check now; the range is checked against the layer lists at call time.
-        self.pairs = None if pairs is None else [tuple(p) for p in pairs]
-        if self.pairs is not None:
-            _check_pairs(self.pairs, 1 << 62, 1 << 62)
+        # Type check now; the range is checked against the layer lists at call time.
+        self.pairs = None if pairs is None else pair_types(pairs)
         if weights is not None:
             w = torch.as_tensor(weights, dtype=torch.float32).detach().clone()
             if w.dim() != 1 or w.numel() == 0:

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .functional import _check_options, _check_pairs, _hsic_table, _index, _pair_list, _plan, _prepare
+from . import _ops
+from ._utils import pair_index
+from ._validate import Options, check_pairs, layer_list, pair_types
+
+_STATE_VERSION = 1
+_STATE_KEYS = (
+    "version",
+    "estimator",
+    "kernel",
+    "sigma",
+    "tokens",
+    "pairs",
+    "shape",
+    "symmetric",
+    "batches",
+    "examples",
+    "cross",
+    "self_x",
+    "self_y",
+)
+#: Options that change what the sums mean (backend and route change rounding only).
+_STATE_OPTIONS = ("estimator", "kernel", "sigma", "tokens")
+
+
+def _differs(key: str, saved, mine) -> None:
+    raise ValueError(f"MinibatchCKA state: {key}={saved!r} was saved, but this metric has {key}={mine!r}")
 
 
 class MinibatchCKA:
@@ -21,6 +46,10 @@ class MinibatchCKA:
     ``update(xs, ys=None)``: ``ys=None`` compares xs with themselves. The layer counts are fixed by
     the first update. ``pairs`` (optional) restricts the result to selected (i, j) pairs and
     ``compute()`` then returns a (len(pairs),) vector instead of the (len(xs), len(ys)) matrix.
+
+    :meth:`state_dict` / :meth:`load_state_dict` save and resume the accumulated sums (torch
+    conventions: a dict of tensors and plain values, fit for ``torch.save`` and ``torch.load`` with
+    ``weights_only=True``). Under ``torch.distributed`` each rank saves and restores its own local sums.
     """
 
     def __init__(
@@ -34,15 +63,17 @@ class MinibatchCKA:
         tokens: str = "flatten",
         route: str = "auto",
     ) -> None:
-        _check_options(estimator, kernel, backend, tokens, route, sigma)
+        self._opts = Options(
+            estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route
+        )
         self.estimator, self.kernel, self.sigma = estimator, kernel, sigma
         self.backend, self.tokens, self.route = backend, tokens, route
-        self.pairs = None if pairs is None else [tuple(p) for p in pairs]
-        if self.pairs is not None:
-            _check_pairs(self.pairs, 1 << 62, 1 << 62)
+        # Type check now; the range is checked against the layer counts of the first update.
+        self._pairs_arg = None if pairs is None else pair_types(pairs)
         self.reset()
 
     def reset(self) -> None:
+        self.pairs: list[tuple[int, int]] | None = self._pairs_arg
         self.shape: tuple[int, int] | None = None
         self.symmetric: bool | None = None
         self.cross: torch.Tensor | None = None
@@ -54,14 +85,14 @@ class MinibatchCKA:
 
     @torch.no_grad()
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> None:
-        xs2 = _prepare(xs, "xs", self.tokens)
-        ys2 = None if ys is None else _prepare(ys, "ys", self.tokens)
+        xs2 = layer_list(xs, "xs", self.tokens)
+        ys2 = None if ys is None else layer_list(ys, "ys", self.tokens)
         A = len(xs2)
         B = A if ys2 is None else len(ys2)
+        pairs = self.pairs
         if self.shape is None:
-            self.shape, self.symmetric = (A, B), ys2 is None
-            if self.pairs is not None:
-                self.pairs = _check_pairs(self.pairs, A, B)
+            if pairs is not None:
+                pairs = check_pairs(pairs, A, B)
         elif self.shape != (A, B) or self.symmetric != (ys2 is None):
             raise ValueError(
                 f"update() got {A} x-layers and {'no ys' if ys2 is None else f'{B} y-layers'}; earlier "
@@ -70,25 +101,20 @@ class MinibatchCKA:
             )
         layers = [x.detach() for x in xs2] + ([] if ys2 is None else [y.detach() for y in ys2])
         off = 0 if ys2 is None else A
-        pairs = self.pairs if self.pairs is not None else [(i, j) for i in range(A) for j in range(B)]
-        glob = [(i, off + j) for i, j in pairs]
-        args = _plan(layers, [], glob, self.estimator, self.kernel, self.sigma, self.backend, self.route)
-        flat = args[5]
-        plist = _pair_list(flat)
-        hsic, _, s, ok, h, _, _, _ = _hsic_table(*args[:5], plist, *args[6:])
-        # Back to the un-normalised scale (multiply by s_a s_b); degenerate layers count as 0.
-        s64, h64 = s.double(), h.double()
-        self_all = torch.where(ok, h64 * s64 * s64, torch.zeros_like(h64))
-        pi, pj = _index(flat, s.device)
-        cross = torch.where(
-            ok[pi] & ok[pj], hsic.double() * s64[pi] * s64[pj], torch.zeros_like(hsic, dtype=torch.float64)
-        )
+        glob = [(i, off + j) for i, j in (pairs or [(i, j) for i in range(A) for j in range(B)])]
+        cross, self_all = _ops.batch_hsic(_ops.build_plan(layers, [], glob, self._opts))
         sx = self_all[:A]
         sy = self_all[:A] if ys2 is None else self_all[A:]
+        if self.shape is None:
+            self.shape, self.symmetric, self.pairs = (A, B), ys2 is None, pairs
         if self.cross is None:
             self.cross, self.self_x, self.self_y = cross, sx, sy
         else:
-            self.cross, self.self_x, self.self_y = self.cross + cross, self.self_x + sx, self.self_y + sy
+            # .to(): a state loaded on another device follows the data.
+            dev = cross.device
+            self.cross = self.cross.to(dev) + cross
+            self.self_x = self.self_x.to(dev) + sx
+            self.self_y = self.self_y.to(dev) + sy
         self.batches += 1
         self.examples += layers[0].shape[0]
         self._global = None
@@ -107,7 +133,7 @@ class MinibatchCKA:
         rx = torch.where(sx > 0, sx, torch.ones_like(sx)).sqrt()
         ry = torch.where(sy > 0, sy, torch.ones_like(sy)).sqrt()
         if self.pairs is not None:
-            pi, pj = _index([v for p in self.pairs for v in p], cross.device)
+            pi, pj = pair_index([v for p in self.pairs for v in p], cross.device)
             valid = (sx[pi] > 0) & (sy[pj] > 0)
             return torch.where(valid, cross / (rx[pi] * ry[pj]), torch.zeros_like(cross))
         A, B = self.shape
@@ -133,6 +159,94 @@ class MinibatchCKA:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         a, b = cross.numel(), sx.numel()
         self._global = (flat[:a], flat[a : a + b], flat[a + b :])
+
+    # ----------------------------------------------------------------------- resumable state
+    def state_dict(self) -> dict:
+        """The local sums and what they mean, as a dict (see the class docstring).
+
+        Keys: ``version``; the options that change the sums' meaning (``estimator``, ``kernel``,
+        ``sigma``, ``tokens``); ``pairs`` (resolved ``[[i, j], ...]`` or None), ``shape`` (``[A, B]``,
+        None before the first update), ``symmetric``, ``batches``, ``examples``; the float64
+        accumulators ``cross`` ((P,) with pairs, else (A*B,)), ``self_x`` (A,), ``self_y`` (B,) (None
+        before the first update). Sums after :meth:`sync` are not part of the state.
+        """
+        return {
+            "version": _STATE_VERSION,
+            **{k: getattr(self, k) for k in _STATE_OPTIONS},
+            "pairs": None if self.pairs is None else [list(p) for p in self.pairs],
+            "shape": None if self.shape is None else list(self.shape),
+            "symmetric": self.symmetric,
+            "batches": self.batches,
+            "examples": self.examples,
+            "cross": self.cross,
+            "self_x": self.self_x,
+            "self_y": self.self_y,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore sums saved by :meth:`state_dict`; later updates continue the accumulation exactly.
+
+        The accumulators keep the device they were loaded on and follow the data of the next update.
+        Raises ValueError naming the key that differs (missing or unexpected keys, other options or
+        pairs, accumulators of the wrong shape or dtype); nothing changes then.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(); got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        unexpected = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        if missing or unexpected:
+            raise ValueError(f"MinibatchCKA state: missing keys {missing}, unexpected keys {unexpected}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"MinibatchCKA state: version {state['version']!r}, expected {_STATE_VERSION}")
+        for k in _STATE_OPTIONS:
+            if state[k] != getattr(self, k):
+                _differs(k, state[k], getattr(self, k))
+        for k in ("batches", "examples"):
+            v = state[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"MinibatchCKA state: {k} must be a non-negative int; got {v!r}")
+        if state["shape"] is None:
+            if any(state[k] is not None for k in ("cross", "self_x", "self_y", "symmetric")):
+                raise ValueError("MinibatchCKA state: shape is None (no update) but accumulators are set")
+            saved = None if state["pairs"] is None else pair_types(state["pairs"])
+            if saved != self._pairs_arg:
+                _differs("pairs", saved, self._pairs_arg)
+            self.reset()
+            return
+        A, B, symmetric, pairs = self._check_layout(state)
+        P = A * B if pairs is None else len(pairs)
+        acc = {}
+        for k, want in (("cross", P), ("self_x", A), ("self_y", B)):
+            t = state[k]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or tuple(t.shape) != (want,):
+                got = (
+                    f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                )
+                raise ValueError(
+                    f"MinibatchCKA state: {k} must be a float64 tensor of shape ({want},); got {got}"
+                )
+            acc[k] = t.detach().clone()
+        self.pairs, self.shape, self.symmetric = pairs, (A, B), symmetric
+        self.cross, self.self_x, self.self_y = acc["cross"], acc["self_x"], acc["self_y"]
+        self.batches, self.examples = state["batches"], state["examples"]
+        self._global = None
+
+    def _check_layout(self, state: Mapping):
+        shape, symmetric = state["shape"], state["symmetric"]
+        if (
+            not isinstance(shape, (list, tuple))
+            or len(shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+        ):
+            raise ValueError(f"MinibatchCKA state: shape must be [A, B] of positive ints; got {shape!r}")
+        A, B = shape
+        if not isinstance(symmetric, bool) or (symmetric and A != B):
+            raise ValueError(f"MinibatchCKA state: symmetric={symmetric!r} does not fit shape {[A, B]}")
+        saved = None if state["pairs"] is None else check_pairs(state["pairs"], A, B)
+        mine = None if self._pairs_arg is None else check_pairs(self._pairs_arg, A, B)
+        if saved != mine:
+            _differs("pairs", saved, mine)
+        return A, B, symmetric, saved
 
     def __repr__(self) -> str:
         return (

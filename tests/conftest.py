@@ -69,14 +69,15 @@ def _nan_poisoned_empty(monkeypatch):
 @pytest.fixture(params=["serial", "layer-parallel"])
 def cpu_gram_mode(request, monkeypatch):
     """Run a test under both CPU Gram schedules: layers one after another on all threads, and the
-    layer-parallel pool (``_cpu_blas.gram_stack``), forced on for any size with at least 2 threads."""
-    from fastguide import _cpu_blas
+    layer-parallel pool (``fastguide._cpu.gram_stack``), forced on for any size with at least 2 threads."""
+    from fastguide import _config
+    from fastguide._cpu import blas
 
     if request.param == "serial":
-        monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "0")
-        yield request.param
+        with _config.override(cpu_layer_parallel=False):
+            yield request.param
         return
-    if not _cpu_blas._omp_set_num_threads():
+    if not blas.omp_set_num_threads():
         pytest.skip("torch does not run on OpenMP here: no layer-parallel path")
     from helpers import layer_parallel_forced
 

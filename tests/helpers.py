@@ -47,14 +47,15 @@ def assert_grad_close(actual, expected, rtol: float, what: str = "") -> None:
 
 @contextlib.contextmanager
 def layer_parallel_forced(monkeypatch):
-    """The layer-parallel CPU Gram path (``_cpu_blas.gram_stack``) on for any size, with >= 2 threads."""
-    from fastguide import _cpu_blas
+    """The layer-parallel CPU Gram path (``fastguide._cpu.gram_stack``) on for any size, with >= 2 threads."""
+    from fastguide import _config
+    from fastguide._cpu import pool
 
-    monkeypatch.setenv("FASTGUIDE_CPU_LAYER_PARALLEL", "1")
-    monkeypatch.setattr(_cpu_blas, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_WORK", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
-        yield
+        with _config.override(cpu_layer_parallel=True):
+            yield
     finally:
         torch.set_num_threads(threads)

@@ -1,28 +1,56 @@
 """torch.library registration: opcheck, and torch.compile(fullgraph=True) of a step using the ops."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import fastguide as fg
-from fastguide import functional as F
+from fastguide import _ops
+from fastguide._validate import Options
 
 
-def _args(route="gram", estimator="unbiased", dtype=torch.float64):
+def _plan(route="gram", estimator="unbiased", kernel="linear", sigma=None, dtype=torch.float64):
     xs = [torch.randn(10, d, dtype=dtype, requires_grad=True) for d in (4, 6)]
     ys = [torch.randn(10, 5, dtype=dtype)]
-    return F._plan(xs + ys, [], [(0, 2), (1, 2), (0, 1)], estimator, "linear", None, "torch", route)
+    opts = Options(estimator=estimator, kernel=kernel, sigma=sigma, backend="torch", route=route)
+    return _ops.build_plan(xs + ys, [], [(0, 2), (1, 2), (0, 1)], opts)
 
 
-@pytest.mark.parametrize("route", ["gram", "feature"])
-def test_opcheck_forward_op(route):
-    torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, _args(route))
+@pytest.mark.parametrize(
+    "kw",
+    [{"route": "gram"}, {"route": "feature"}, {"kernel": "rbf"}, {"kernel": "rbf", "sigma": 2.0}],
+    ids=["gram", "feature", "rbf-median", "rbf-sigma"],
+)
+def test_opcheck_forward_op(kw):
+    plan = _plan(**kw)
+    assert plan.route == ("feature" if kw.get("route") == "feature" else "gram")
+    torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, plan.args())
 
 
 def test_opcheck_with_precomputed_stats():
     xs = [torch.randn(10, 4, dtype=torch.float64, requires_grad=True)]
     st = [fg.layer_stats(torch.randn(10, 3, dtype=torch.float64), estimator="biased")]
-    args = F._plan(xs, st, [(0, 1)], "biased", "linear", None, "torch", "auto")
-    torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, args)
+    plan = _ops.build_plan(xs, st, [(0, 1)], Options(estimator="biased", backend="torch"))
+    assert plan.pre_C.shape == (1, 10, 10)
+    torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, plan.args())
+
+
+def test_schemas_follow_the_plan():
+    """The op schemas are generated from the plan's fields: no sentinel, sigma is Optional[float]."""
+    fwd = str(torch.ops.fastguide.cka_fwd.default._schema)
+    bwd = str(torch.ops.fastguide.cka_bwd.default._schema)
+    plan_part = "Tensor[] layers, Tensor pre_C, Tensor pre_s, Tensor pre_ok, Tensor pre_h, int[] pairs, "
+    plan_part += "str estimator, str kernel, float? sigma, str route, str backend"
+    assert f"({plan_part})" in fwd
+    assert bwd.startswith("fastguide::cka_bwd(Tensor grad, int[] which, Tensor cka, Tensor C, Tensor s,")
+    assert bwd.endswith(f"{plan_part}) -> Tensor[]")
+    plan = _plan()
+    same = _ops.Plan(*plan.args()).args()
+    assert all(a is b for a, b in zip(same, plan.args(), strict=True))
+    back = _ops.Plan.restore(plan.saved(), plan.static()).args()
+    assert all(a is b for a, b in zip(back[1:], plan.args()[1:], strict=True))
+    assert all(a is b for a, b in zip(back[0], plan.layers, strict=True))
 
 
 @pytest.mark.slow
@@ -59,31 +87,12 @@ def test_compile_fullgraph_training_step_matches_eager():
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
-def test_opcheck_backward_op():
-    args = _args("gram")
-    out = torch.ops.fastguide.cka_fwd.default(*args)
-    cka, C, s, ok, h, sig = out
-    layers, pre_C, pre_s, pre_ok, pre_h, pairs, est, kern, sigma, route, backend = args
-    bwd_args = (
-        torch.randn_like(cka),
-        cka,
-        [x.detach() for x in layers],
-        C,
-        pre_C,
-        s,
-        ok,
-        pre_ok,
-        h,
-        pre_h,
-        sig,
-        pairs,
-        [0, 1],
-        est,
-        kern,
-        sigma,
-        route,
-        backend,
-    )
+@pytest.mark.parametrize("kw", [{"route": "gram"}, {"route": "feature"}, {"kernel": "rbf"}], ids=str)
+def test_opcheck_backward_op(kw):
+    plan = _plan(**kw)
+    cka, *table = torch.ops.fastguide.cka_fwd.default(*plan.args())
+    detached = dataclasses.replace(plan, layers=[x.detach() for x in plan.layers])
+    bwd_args = (torch.randn_like(cka), [0, 1], cka, *table, *detached.args())
     torch.library.opcheck(
         torch.ops.fastguide.cka_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor")
     )

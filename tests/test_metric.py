@@ -101,3 +101,122 @@ def test_sync_all_reduces_over_two_ranks(tmp_path):
         full.update(b)
     for r in range(2):
         assert torch.allclose(torch.load(tmp_path / f"rank{r}.pt"), full.compute(), atol=1e-10)
+
+
+# --------------------------------------------------------------------------- resumable state
+def _split_run(make, batches, cut, tmp_path):
+    """Accumulate all batches in one metric, and the same batches saved/loaded after ``cut``."""
+    full = make()
+    for b in batches:
+        full.update(*b)
+    first = make()
+    for b in batches[:cut]:
+        first.update(*b)
+    path = tmp_path / "metric.pt"
+    torch.save(first.state_dict(), path)
+    resumed = make()
+    resumed.load_state_dict(torch.load(path))  # weights_only=True: plain values and tensors only
+    for b in batches[cut:]:
+        resumed.update(*b)
+    return full, resumed
+
+
+@pytest.mark.parametrize(
+    "kw, with_ys",
+    [({}, False), ({"estimator": "biased"}, True), ({"pairs": [(1, 0), (-1, 0)]}, True)],
+    ids=["symmetric", "biased-xy", "pairs"],
+)
+def test_state_dict_round_trip_resumes_exactly(tmp_path, kw, with_ys):
+    xs = _batches([24, 13, 30, 9])
+    ys = _batches([24, 13, 30, 9], dims=(4,), seed=1)
+    batches = [(x, y) if with_ys else (x,) for x, y in zip(xs, ys, strict=True)]
+    full, resumed = _split_run(lambda: fg.MinibatchCKA(**kw), batches, 2, tmp_path)
+    assert torch.equal(resumed.compute(), full.compute())  # bit for bit: the sums continue exactly
+    for k in ("cross", "self_x", "self_y"):
+        assert (
+            torch.equal(getattr(resumed, k), getattr(full, k)) and getattr(resumed, k).dtype == torch.float64
+        )
+    assert (resumed.batches, resumed.examples) == (full.batches, full.examples) == (4, 76)
+    assert resumed.pairs == full.pairs and resumed.shape == full.shape
+
+
+def test_state_dict_format_and_empty_state(tmp_path):
+    m = fg.MinibatchCKA(pairs=[(0, 1)])
+    sd = m.state_dict()
+    assert sd["shape"] is None and sd["cross"] is None and sd["batches"] == 0
+    other = fg.MinibatchCKA(pairs=[(0, 1)])
+    other.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="before any update"):
+        other.compute()
+    with pytest.raises(ValueError, match="pairs"):
+        fg.MinibatchCKA().load_state_dict(sd)
+    (xs,) = _batches([16])
+    m.update(xs)
+    sd = m.state_dict()
+    assert sd["shape"] == [2, 2] and sd["symmetric"] is True and sd["pairs"] == [[0, 1]]
+    assert sd["estimator"] == "unbiased" and sd["kernel"] == "linear" and sd["tokens"] == "flatten"
+    assert sd["cross"].shape == (1,) and sd["self_x"].shape == (2,) and sd["cross"].dtype == torch.float64
+    assert (sd["batches"], sd["examples"]) == (1, 16)
+
+
+def test_load_state_dict_moves_with_the_data():
+    """Accumulators loaded on one device follow the data of the next update (here both CPU; the GPU
+    case is the test below)."""
+    (a,), (b,) = [_batches([20], seed=s) for s in (2, 3)]
+    m = fg.MinibatchCKA()
+    m.update(a)
+    sd = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in m.state_dict().items()}
+    n = fg.MinibatchCKA()
+    n.load_state_dict(sd)
+    assert n.cross.device.type == "meta"
+    n.load_state_dict(m.state_dict())
+    n.update(b)
+    m.update(b)
+    assert torch.equal(n.compute(), m.compute())
+
+
+@pytest.mark.gpu
+def test_state_saved_on_gpu_resumes_on_cpu(tmp_path):
+    (a,), (b,) = [_batches([20], seed=s) for s in (2, 3)]
+    m = fg.MinibatchCKA()
+    m.update([x.cuda() for x in a])
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    n = fg.MinibatchCKA()
+    n.load_state_dict(torch.load(tmp_path / "m.pt", map_location="cpu"))
+    n.update(b)
+    assert n.compute().device.type == "cpu"
+    ref = fg.MinibatchCKA()
+    ref.update(a)
+    ref.update(b)
+    assert torch.allclose(n.compute(), ref.compute(), atol=1e-6)
+
+
+def test_load_state_dict_names_what_differs():
+    (xs,) = _batches([16])
+    m = fg.MinibatchCKA(pairs=[(0, 1)])
+    m.update(xs)
+    sd = m.state_dict()
+    cases = [
+        (fg.MinibatchCKA(estimator="biased", pairs=[(0, 1)]), sd, "estimator='unbiased' was saved"),
+        (fg.MinibatchCKA(tokens="mean", pairs=[(0, 1)]), sd, "tokens"),
+        (fg.MinibatchCKA(pairs=[(1, 0)]), sd, "pairs"),
+        (fg.MinibatchCKA(), sd, "pairs"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "cross": sd["cross"].float()}, "cross must be a float64"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "self_x": torch.zeros(3, dtype=torch.float64)}, "self_x"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "shape": [2]}, "shape"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "batches": -1}, "batches"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {k: v for k, v in sd.items() if k != "examples"}, "missing keys"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "extra": 1}, "unexpected keys"),
+        (fg.MinibatchCKA(pairs=[(0, 1)]), {**sd, "version": 99}, "version"),
+    ]
+    (other,) = _batches([12], seed=5)
+    for metric, state, what in cases:
+        metric.update(other)  # a failed load must leave these sums as they are
+        before = metric.state_dict()
+        with pytest.raises(ValueError, match=what):
+            metric.load_state_dict(state)
+        after = metric.state_dict()
+        assert after.keys() == before.keys()
+        for k, v in before.items():
+            same = torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k]
+            assert same, f"a failed load changed {k} ({what})"

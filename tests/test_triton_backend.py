@@ -69,7 +69,30 @@ def test_gradcheck_fp64_through_triton(estimator):
 
 
 def test_auto_uses_torch_on_cpu():
-    from fastguide.functional import _use_triton
+    from fastguide import _ops, _torch_backend, _triton_backend
 
-    assert not _use_triton("auto", torch.device("cpu"), "linear")
-    assert _use_triton("triton", torch.device("cpu"), "linear")  # interpreter is on in the tests
+    assert not _ops.use_triton("auto", torch.device("cpu"), "linear")
+    assert _ops.use_triton("triton", torch.device("cpu"), "linear")  # interpreter is on in the tests
+    assert _ops.backend_module("auto", torch.device("cpu"), "linear") is _torch_backend
+    assert _ops.backend_module("triton", torch.device("cpu"), "linear") is _triton_backend
+    with pytest.raises(ValueError, match="linear kernel"):
+        _ops.use_triton("triton", torch.device("cpu"), "rbf")
+
+
+def test_backends_expose_the_same_functions():
+    from fastguide import _torch_backend, _triton_backend
+
+    for name in ("gram_fwd", "pair_dots", "layer_grad", "feature_fwd", "feature_bwd"):
+        assert callable(getattr(_torch_backend, name)) and callable(getattr(_triton_backend, name)), name
+
+
+def test_load_kernels_reports_why_it_fails(monkeypatch):
+    from fastguide import _triton_backend
+
+    k = _triton_backend.load_kernels()
+    assert callable(k.gram_fwd) and callable(k.hsic_pairs) and callable(k.grad_x)
+    assert _triton_backend.load_kernels() is k
+    monkeypatch.setattr(_triton_backend, "_KERNELS", None)
+    monkeypatch.setattr(_triton_backend, "_LAUNCHERS", ("gram_fwd", "no_such_launcher"))
+    with pytest.raises(RuntimeError, match="backend='triton' is not available.*no_such_launcher"):
+        _triton_backend.load_kernels()
