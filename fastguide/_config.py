@@ -74,12 +74,14 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def from_environ(env: Mapping[str, str] | None = None) -> Config:
-    """Build a :class:`Config` from ``env`` (default ``os.environ``); unknown values raise naming the variable."""
+    """A :class:`Config` from ``env`` (default ``os.environ``); a bad value raises naming the variable."""
     env = os.environ if env is None else env
     syrk = env.get("FASTGUIDE_CPU_SYRK", "auto") or "auto"
     syrk = _SYRK_ALIASES.get(syrk, syrk)
     if syrk not in _SYRK_MODES:
-        raise ValueError(f"environment variable FASTGUIDE_CPU_SYRK must be one of {_SYRK_MODES}; got {syrk!r}")
+        raise ValueError(
+            f"environment variable FASTGUIDE_CPU_SYRK must be one of {_SYRK_MODES}; got {syrk!r}"
+        )
     return Config(
         cpu_layer_parallel=_flag(env, "FASTGUIDE_CPU_LAYER_PARALLEL", True),
         cpu_syrk=syrk,
