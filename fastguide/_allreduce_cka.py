@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from ._torch_backend import degenerate_factor
-from ._utils import acc_dtype
 
 __all__ = ["allreduce_feature_cka", "allreduce_cost", "gather_cost"]
 
@@ -131,7 +130,9 @@ def allreduce_cost(ds_x: list[int], ds_y: list[int], pairs: list[tuple[int, int]
     return numbers * elt, flops
 
 
-def gather_cost(ds_x: list[int], ds_y: list[int], pairs: list[tuple[int, int]], n: int, world: int, elt: int = 4):
+def gather_cost(
+    ds_x: list[int], ds_y: list[int], pairs: list[tuple[int, int]], n: int, world: int, elt: int = 4
+):
     """(bytes received per rank, flops per rank) of gathering every used layer and forming the global
     Grams (``Guidance(gather=True)``): world * n * d values per layer, (world n)^2 d per Gram."""
     used_x = sorted({i for i, _ in pairs})

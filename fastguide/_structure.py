@@ -63,7 +63,12 @@ class GroupStats:
 
     def to(self, device) -> GroupStats:
         return GroupStats(
-            self.C.to(device), self.s.to(device), self.ok.to(device), self.h.to(device), self.mode, self.estimator
+            self.C.to(device),
+            self.s.to(device),
+            self.ok.to(device),
+            self.h.to(device),
+            self.mode,
+            self.estimator,
         )
 
 
@@ -73,12 +78,30 @@ def _shifted(X: torch.Tensor) -> torch.Tensor:
     return X.to(acc) - X[:, :SHIFT_ROWS].to(acc).mean(dim=1, keepdim=True)
 
 
-def group_stats(X: torch.Tensor, estimator: str) -> tuple[torch.Tensor, ...]:
-    """Per-group statistics of one layer (G, n, d): C (G, n, n), s, ok, h (each (G,)). No autograd."""
+def _shift(X: torch.Tensor) -> torch.Tensor:
+    """Per-group column shift, the mean of the first min(n, 32) rows (G, d), accumulation dtype."""
+    return X[:, :SHIFT_ROWS].to(acc_dtype(X.dtype)).mean(dim=1)
+
+
+def _kernels():
+    from .kernels import group  # Triton is only needed on that path
+
+    return group
+
+
+def group_stats(X: torch.Tensor, estimator: str, backend: str = "torch") -> tuple[torch.Tensor, ...]:
+    """Per-group statistics of one layer (G, n, d): C (G, n, n), s, ok, h (each (G,)). No autograd.
+
+    ``backend="triton"``: the Grams come from one launch of the grouped Gram kernel (shift on load,
+    the strided view read in place); the rest is batched torch ops over the (G, n, n) stack.
+    """
     G, n, _ = X.shape
     acc = acc_dtype(X.dtype)
-    Xh = _shifted(X)
-    K = torch.bmm(Xh, Xh.transpose(1, 2))
+    if backend == "triton":
+        K = _kernels().group_gram_fwd(X, _shift(X).contiguous())
+    else:
+        Xh = _shifted(X)
+        K = torch.bmm(Xh, Xh.transpose(1, 2))
     sq = X.to(acc).square().sum(dim=(1, 2))
     K, t = center_gram_(K, estimator)
     # NaN-propagating comparisons (a NaN trace keeps ok True, so NaN reaches the output).
@@ -103,9 +126,10 @@ def _group_cka_fwd(
     pre_h: torch.Tensor,
     pairs: list[int],
     estimator: str,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cka (P, G), C (L, G, n, n), s, ok, h (each (L, G))) for raw layers (G, n, d) + precomputed ones."""
-    stats = [group_stats(X, estimator) for X in layers]
+    stats = [group_stats(X, estimator, backend) for X in layers]
     C = torch.stack([st[0] for st in stats])
     s = torch.stack([st[1] for st in stats])
     ok = torch.stack([st[2] for st in stats])
@@ -131,7 +155,7 @@ def _group_cka_fwd(
 
 
 @_group_cka_fwd.register_fake
-def _(layers, pre_C, pre_s, pre_ok, pre_h, pairs, estimator):
+def _(layers, pre_C, pre_s, pre_ok, pre_h, pairs, estimator, backend):
     ref = layers[0]
     G, n = ref.shape[0], ref.shape[1]
     dt = acc_dtype(ref.dtype)
@@ -160,6 +184,7 @@ def _group_cka_bwd(
     pairs: list[int],
     which: list[int],
     estimator: str,
+    backend: str,
 ) -> list[torch.Tensor]:
     """Gradients of ``layers[a]`` for each ``a`` in ``which``: ``(2 / s) G X^`` batched over groups."""
     L = C.shape[0]
@@ -192,22 +217,25 @@ def _group_cka_bwd(
         if Gm is None:
             out.append(torch.zeros_like(X))
             continue
-        dX = torch.bmm(Gm / N, _shifted(X)) * (2.0 / s[a])[:, None, None]
-        out.append(dX.to(X.dtype))
+        scale = 2.0 / s[a]
+        if backend == "triton":
+            out.append(_kernels().group_grad_bwd((Gm / N).contiguous(), X, _shift(X).contiguous(), scale))
+        else:
+            out.append((torch.bmm(Gm / N, _shifted(X)) * scale[:, None, None]).to(X.dtype))
     return out
 
 
 @_group_cka_bwd.register_fake
-def _(grad, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, pairs, which, estimator):
+def _(grad, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, pairs, which, estimator, backend):
     return [torch.empty_like(layers[a]) for a in which]
 
 
 def _setup_context(ctx, inputs, output):
-    layers, pre_C, pre_s, pre_ok, pre_h, pairs, estimator = inputs
+    layers, pre_C, pre_s, pre_ok, pre_h, pairs, estimator, backend = inputs
     cka, C, s, ok, h = output
     ctx.which = [a for a, x in enumerate(layers) if x.requires_grad]
     ctx.n_layers = len(layers)
-    ctx.args = (pairs, estimator)
+    ctx.args = (pairs, estimator, backend)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(cka, C, pre_C, s, ok, pre_ok, h, pre_h, *layers)
 
@@ -216,18 +244,24 @@ def _backward(ctx, grad_cka, _gC, _gs, _gok, _gh):
     cka, C, pre_C, s, ok, pre_ok, h, pre_h, *layers = ctx.saved_tensors
     grads = [None] * ctx.n_layers
     if ctx.which and grad_cka is not None:
-        pairs, estimator = ctx.args
-        gs = _group_cka_bwd(grad_cka, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, pairs, ctx.which, estimator)
+        pairs, estimator, backend = ctx.args
+        gs = _group_cka_bwd(
+            grad_cka, cka, layers, C, pre_C, s, ok, pre_ok, h, pre_h, pairs, ctx.which, estimator, backend
+        )
         for a, g in zip(ctx.which, gs, strict=True):
             grads[a] = g
-    return grads, None, None, None, None, None, None
+    return grads, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastguide::group_cka_fwd", _backward, setup_context=_setup_context)
 
 
 def group_cka(
-    layers: list[torch.Tensor], pre: list[GroupStats], pairs: list[tuple[int, int]], estimator: str
+    layers: list[torch.Tensor],
+    pre: list[GroupStats],
+    pairs: list[tuple[int, int]],
+    estimator: str,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group CKA (P, G) of pairs of global layer indices (raw grouped layers first, then ``pre``),
     and the (P, G) validity mask (both groups non-degenerate)."""
@@ -245,7 +279,7 @@ def group_cka(
         pre_ok = ref.new_empty((0, G), dtype=torch.bool)
         pre_h = ref.new_empty((0, G), dtype=dt)
     flat = [v for p in pairs for v in p]
-    cka, _, _, ok, _ = _group_cka_fwd(layers, pre_C, pre_s, pre_ok, pre_h, flat, estimator)
+    cka, _, _, ok, _ = _group_cka_fwd(layers, pre_C, pre_s, pre_ok, pre_h, flat, estimator, backend)
     ok_all = torch.cat([ok, pre_ok])
     pi = torch.tensor(flat[0::2], device=cka.device)
     pj = torch.tensor(flat[1::2], device=cka.device)
