@@ -5,8 +5,9 @@ tokens) modes of ``fastguide._structure`` view a (B, T, D) or (B, C, H, W) activ
 an (n, d) examples matrix, WITHOUT a copy: the kernels take the view's three strides.
 
 * :func:`group_gram_fwd`: ``K[g] = X^_g X^_g^T`` with ``X^_g = X_g - shift_g`` subtracted on load
-  (``shift_g`` the mean of the group's first min(n, 32) rows, computed by the caller); fp32
-  accumulation (fp64 for fp64 inputs). Grid: (G, cdiv(n, BLOCK_M), cdiv(n, BLOCK_M)).
+  (``shift_g`` the mean of the group's first min(n, 32) rows, computed by the caller), plus the raw
+  ``||X_g||^2`` the degeneracy test needs, summed by the diagonal tiles while they load (no second
+  pass). fp32 accumulation (fp64 for fp64 inputs). Grid: (G, cdiv(n, BLOCK_M), cdiv(n, BLOCK_M)).
 * :func:`group_grad_bwd`: ``dX[g] = scale_g W_g X^_g`` for the (G, n, n) weight matrices W of the
   grouped CKA backward. Grid: (G, cdiv(n, BLOCK_M), cdiv(d, BLOCK_K)).
 
@@ -21,19 +22,31 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, check_float, input_precision, on_input_device, tl_dtype
-
-# Tiles of at least 16 in every dot dimension (smaller ones do not compile for NVIDIA GPUs).
-GROUP_BLOCK_M = 32
-GROUP_BLOCK_K = 32
+from ._configs import interpreting
 
 
-@triton.jit
+def group_blocks(n: int, d: int, fp64: bool = False) -> tuple[int, int]:
+    """(BLOCK_M rows / Gram tile side, BLOCK_K features) per program; both >= 16 for ``tl.dot``.
+
+    Small tiles under the interpreter (few programs still cross block edges in tiny tests); on the GPU
+    64-row tiles once n reaches 64 (32 below, so a B = 32 position Gram is one tile), 64 features per
+    step for wide layers; fp64 accumulators take twice the registers, so at most 32 x 32 there.
+    """
+    if interpreting() or fp64:
+        return (16 if n <= 16 else 32), (16 if d <= 16 else 32)
+    return (32 if n <= 32 else 64), (32 if d <= 32 else 64)
+
+
+# Sizes vary per call (batch, sequence length): no recompilation per value.
+@triton.jit(do_not_specialize=["n", "d"])
 def _group_gram_fwd_kernel(
     k_ptr,
+    sq_ptr,
     x_ptr,
     shift_ptr,
     stride_kg,
     stride_km,
+    stride_qg,
     stride_xg,
     stride_xm,
     stride_xk,
@@ -47,7 +60,8 @@ def _group_gram_fwd_kernel(
 ):
     """``K[g, I, J] = sum_k X^[g, I, k] X^[g, J, k]`` for one (group, row tile, column tile).
 
-    k_ptr: (G, n, n) output, strides (stride_kg, stride_km, 1). x_ptr: (G, n, d) input view with
+    k_ptr: (G, n, n) output, strides (stride_kg, stride_km, 1). sq_ptr: (G, cdiv(n, BLOCK_M)) partial
+    raw squared norms, written by the diagonal tiles (I == J) only. x_ptr: (G, n, d) input view with
     strides (stride_xg, stride_xm, stride_xk). shift_ptr: (G, d) per-group column shift (ACC).
     Masked rows and columns load as 0 after the shift, so they add nothing to the dot.
     """
@@ -60,6 +74,7 @@ def _group_gram_fwd_kernel(
     mask_j = offs_j < n
     x_g = x_ptr + pid_g * stride_xg
     acc_k = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC)
+    acc_sq = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(0, d, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < d
@@ -68,14 +83,19 @@ def _group_gram_fwd_kernel(
         mj = mask_j[:, None] & mask_k[None, :]
         a = tl.load(x_g + offs_i[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mi, other=0.0)
         b = tl.load(x_g + offs_j[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mj, other=0.0)
-        a = tl.where(mi, a.to(ACC) - sh[None, :], 0.0)  # (BM, BK)
+        a = a.to(ACC)  # (BM, BK) raw
+        # Raw squares ride along (a tile already in registers); only the diagonal tiles store them.
+        acc_sq += tl.sum(a * a, axis=1)
+        a = tl.where(mi, a - sh[None, :], 0.0)  # (BM, BK)
         b = tl.where(mj, b.to(ACC) - sh[None, :], 0.0)  # (BM, BK)
         acc_k += tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
     k_offs = pid_g * stride_kg + offs_i[:, None] * stride_km + offs_j[None, :]
-    tl.store(k_ptr + k_offs, acc_k, mask=mask_i[:, None] & mask_j[None, :])
+    tl.store(k_ptr + k_offs, acc_k.to(k_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_j[None, :])
+    if pid_i == pid_j:
+        tl.store(sq_ptr + pid_g * stride_qg + pid_i, tl.sum(acc_sq, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "d"])
 def _group_grad_bwd_kernel(
     dx_ptr,
     w_ptr,
@@ -100,7 +120,7 @@ def _group_grad_bwd_kernel(
 ):
     """``dX[g, I, K] = scale[g] sum_j W[g, I, j] X^[g, j, K]`` for one (group, row tile, feature tile).
 
-    dx_ptr: (G, n, d) output view; w_ptr: (G, n, n) weights (ACC), strides (stride_wg, stride_wm, 1);
+    dx_ptr: (G, n, d) output; w_ptr: (G, n, n) weights (ACC), strides (stride_wg, stride_wm, 1);
     x_ptr/shift_ptr as in the forward; scale_ptr: (G,) per-group scale (ACC).
     """
     pid_g = tl.program_id(0).to(tl.int64)
@@ -133,8 +153,8 @@ def _group_grad_bwd_kernel(
 
 def _check_view(x: torch.Tensor, shift: torch.Tensor) -> None:
     check_float(x, "x")
-    if x.dim() != 3:
-        raise ValueError(f"x must be a (G, n, d) view; got shape {tuple(x.shape)}")
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (G, n, d) view; got shape {tuple(x.shape)}")
     G, _, d = x.shape
     acc = acc_dtype(x.dtype)
     if shift.shape != (G, d) or shift.dtype != acc or shift.stride(1) != 1:
@@ -144,38 +164,53 @@ def _check_view(x: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 @on_input_device
-def group_gram_fwd(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """(G, n, n) Grams of the shifted groups of a (G, n, d) view (any strides), in the accumulation dtype."""
+def group_gram_fwd(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(G, n, n) Grams of the shifted groups of a (G, n, d) view (any strides) and the raw ``||x_g||^2``.
+
+    ``out``: an optional (G, n, n) buffer with unit column stride, in the accumulation dtype of x or
+    float64 (filled in place; else a new one is made). Returns ``(K, sq)`` with ``sq`` (G,) in K's dtype.
+    """
     _check_view(x, shift)
     G, n, d = x.shape
     acc = acc_dtype(x.dtype)
-    K = torch.empty((G, n, n), dtype=acc, device=x.device)
-    grid = (G, triton.cdiv(n, GROUP_BLOCK_M), triton.cdiv(n, GROUP_BLOCK_M))
-    _group_gram_fwd_kernel[grid](
-        K,
+    if out is None:
+        out = torch.empty((G, n, n), dtype=acc, device=x.device)
+    elif out.shape != (G, n, n) or out.dtype not in (acc, torch.float64) or out.stride(2) != 1:
+        raise ValueError(f"out must be a ({G}, {n}, {n}) {acc} (or float64) tensor with unit column stride")
+    BM, BK = group_blocks(n, d, acc == torch.float64)
+    tiles = triton.cdiv(n, BM)
+    sq = torch.empty((G, tiles), dtype=acc, device=x.device)
+    _group_gram_fwd_kernel[(G, tiles, tiles)](
+        out,
+        sq,
         x,
         shift,
-        K.stride(0),
-        K.stride(1),
+        out.stride(0),
+        out.stride(1),
+        sq.stride(0),
         x.stride(0),
         x.stride(1),
         x.stride(2),
         shift.stride(0),
         n,
         d,
-        BLOCK_M=GROUP_BLOCK_M,
-        BLOCK_K=GROUP_BLOCK_K,
+        BLOCK_M=BM,
+        BLOCK_K=BK,
         ACC=tl_dtype(acc),
         INPUT_PRECISION=input_precision(acc),
     )
-    return K
+    return out, sq.sum(dim=1).to(out.dtype)
 
 
 @on_input_device
 def group_grad_bwd(
     W: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """``scale[g] * W[g] @ (x[g] - shift[g])`` per group: the gradient of a (G, n, d) view (its dtype)."""
+    """``scale[g] * W[g] @ (x[g] - shift[g])`` per group: the gradient of a (G, n, d) view, in x's dtype.
+
+    W: (G, n, n) in the accumulation dtype of x with unit column stride; scale: (G,) same dtype.
+    Returns a new contiguous (G, n, d) tensor.
+    """
     _check_view(x, shift)
     G, n, d = x.shape
     acc = acc_dtype(x.dtype)
@@ -183,8 +218,11 @@ def group_grad_bwd(
         raise ValueError(f"W must be a ({G}, {n}, {n}) {acc} tensor with unit column stride")
     if scale.shape != (G,) or scale.dtype != acc:
         raise ValueError(f"scale must be a ({G},) {acc} tensor")
+    if W.device != x.device or scale.device != x.device:
+        raise ValueError(f"W and scale must be on {x.device}")
     dx = torch.empty((G, n, d), dtype=x.dtype, device=x.device)
-    grid = (G, triton.cdiv(n, GROUP_BLOCK_M), triton.cdiv(d, GROUP_BLOCK_K))
+    BM, BK = group_blocks(n, d, acc == torch.float64)
+    grid = (G, triton.cdiv(n, BM), triton.cdiv(d, BK))
     _group_grad_bwd_kernel[grid](
         dx,
         W,
@@ -202,8 +240,8 @@ def group_grad_bwd(
         shift.stride(0),
         n,
         d,
-        BLOCK_M=GROUP_BLOCK_M,
-        BLOCK_K=GROUP_BLOCK_K,
+        BLOCK_M=BM,
+        BLOCK_K=BK,
         ACC=tl_dtype(acc),
         INPUT_PRECISION=input_precision(acc),
     )
