@@ -202,15 +202,22 @@ def group_valid(x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased") -
     """Whether one group pair counts: neither side degenerate, both self-HSICs positive."""
     if is_degenerate(x) or is_degenerate(y):
         return False
-    K, L = linear_gram(x), linear_gram(y)
-    return bool(hsic(K, K, estimator) > 0 and hsic(L, L, estimator) > 0)
+    Cx, Cy = centred_linear_gram(x, estimator), centred_linear_gram(y, estimator)
+    return bool((Cx * Cx).sum() > 0 and (Cy * Cy).sum() > 0)
 
 
 def cka_groups(x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = "unbiased"):
-    """(cka (G,), valid (G,)) float64 per-group CKAs of one layer pair; 0 where not valid."""
+    """(cka (G,), valid (G,)) float64 per-group CKAs of one layer pair; 0 where not valid.
+
+    Each group through :func:`cka_pairs` (centred Grams, on the inputs' device; differentiable).
+    """
     gx, gy = groups(x, tokens), groups(y, tokens)
-    vals = torch.stack([cka(a, b, estimator) for a, b in zip(gx, gy, strict=True)])
-    valid = torch.tensor([group_valid(a, b, estimator) for a, b in zip(gx, gy, strict=True)])
+    vals = torch.cat(
+        [cka_pairs([a], [b], [(0, 0)], estimator).to(x.device) for a, b in zip(gx, gy, strict=True)]
+    )
+    valid = torch.tensor(
+        [group_valid(a, b, estimator) for a, b in zip(gx, gy, strict=True)], device=vals.device
+    )
     return vals, valid
 
 
@@ -218,7 +225,7 @@ def cka_grouped(x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = 
     """The documented reduction: mean of the per-group CKAs over the valid groups; 0 if there is none."""
     vals, valid = cka_groups(x, y, tokens, estimator)
     if not valid.any():
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=vals.device)
     return vals[valid].mean()
 
 
