@@ -294,16 +294,17 @@ def check_group_layers(layers, names, tokens: str, estimator: str) -> None:
         )
 
 
-def check_group_stats(stats, opts: Options, G: int, n: int, name0: str, device: torch.device) -> None:
-    """Precomputed :class:`fastguide.GroupStats` must match the call's options, G, n and device."""
-    for k, st in enumerate(stats):
+def check_group_stats(stats, opts: Options, G: int, n: int, name0: str, names, device: torch.device) -> None:
+    """Precomputed :class:`fastguide.GroupStats` (argument names ``names``) must match the call's
+    options, the first layer's G and n (``name0``) and its device."""
+    for st, name in zip(stats, names, strict=True):
         if st.estimator != opts.estimator or st.tokens != opts.tokens:
             raise ValueError(
-                f"precomputed GroupStats {k} was made with estimator={st.estimator!r}, tokens={st.tokens!r}; "
+                f"{name}: precomputed GroupStats made with estimator={st.estimator!r}, tokens={st.tokens!r}; "
                 f"this call uses estimator={opts.estimator!r}, tokens={opts.tokens!r}"
             )
-        check_group_sizes(st.groups, st.n, f"GroupStats {k}", G, n, name0, opts.tokens)
+        check_group_sizes(st.groups, st.n, name, G, n, name0, opts.tokens)
         if st.C.device != device:
             raise ValueError(
-                f"all layers must be on one device; got {device} and GroupStats on {st.C.device}"
+                f"all layers must be on one device; {name0} is on {device}, {name} on {st.C.device}"
             )

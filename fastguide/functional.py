@@ -104,7 +104,7 @@ def layer_stats(
 
 def cka_pairs(
     xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor | LayerStats],
+    ys: Sequence[torch.Tensor | LayerStats | GroupStats],
     pairs: Sequence[tuple[int, int]] | None = None,
     *,
     estimator: str = "unbiased",
@@ -119,22 +119,27 @@ def cka_pairs(
     ``pairs=None`` pairs ``xs[k]`` with ``ys[k]``. Each layer's Gram is computed once however many
     pairs use it. Elements of ``ys`` may be precomputed :class:`LayerStats` (constants). Differentiable
     in every tensor that requires grad, through an analytic backward.
+
+    ``tokens="positions"`` / ``"structure"`` (linear kernel, (B, T, D) or (B, C, H, W) activations): one
+    CKA per position over the batch, or per sample between token x token Grams; each pair's value is
+    the mean over its valid (non-degenerate) groups, 0 if none (:func:`cka_groups` gives the per-group
+    values; docs/structure.md). ``ys`` may then hold :class:`GroupStats` from :func:`layer_stats`.
     """
     opts = Options(
         estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route
     )
     if opts.tokens in GROUP_TOKENS:
         return _structure.reduce_groups(*_group_pairs(xs, ys, pairs, opts))
-    layers, pre, glob = _select(xs, ys, pairs, opts, LayerStats, layer_list)
+    layers, pre, glob, _ = _select(xs, ys, pairs, opts, LayerStats, layer_list)
     return _ops.run(_ops.build_plan(layers, pre, glob, opts))
 
 
 def _select(xs, ys, pairs, opts: Options, stats_type, to_layers):
-    """The layers a pair call computes: (raw layer views, precomputed stats, global pairs).
+    """The layers a pair call computes: (raw layer views, precomputed stats, global pairs, names).
 
     Raw layers are the used ``xs`` then the used raw ``ys`` (views by ``to_layers``); precomputed
-    ``ys`` (``stats_type``) come after them. Only layers that appear in a pair are computed (and only
-    they get a gradient).
+    ``ys`` (``stats_type``) come after them; ``names`` (``"xs[i]"``, ``"ys[j]"``) follow the same order,
+    for error messages. Only layers that appear in a pair are computed (and only they get a gradient).
     """
     if isinstance(ys, torch.Tensor) or not isinstance(ys, Sequence) or len(ys) == 0:
         raise TypeError(f"ys must be a non-empty list or tuple of tensors or {stats_type.__name__}")
@@ -161,7 +166,8 @@ def _select(xs, ys, pairs, opts: Options, stats_type, to_layers):
     where_y = {k: A + r for r, k in enumerate(raw_y)}
     where_y.update({k: A + B + r for r, k in enumerate(pre_y)})
     glob = [(where_x[i], where_y[j]) for i, j in plist]
-    return [xs2[k] for k in used_x] + ys_raw, [ys[k] for k in pre_y], glob
+    names = [f"xs[{k}]" for k in used_x] + [f"ys[{k}]" for k in raw_y + pre_y]
+    return [xs2[k] for k in used_x] + ys_raw, [ys[k] for k in pre_y], glob, names
 
 
 # --------------------------------------------------------------------------- grouped modes
@@ -169,19 +175,23 @@ def _group_backend(backend: str, device: torch.device) -> str:
     return "triton" if _ops.use_triton(backend, device, "linear") else "torch"
 
 
-def _run_groups(layers: list[torch.Tensor], pre: list, glob, opts: Options) -> GroupCKA:
-    """Check grouped views and precomputed GroupStats against each other, then run the grouped op."""
-    check_group_layers(layers, [f"layer {k}" for k in range(len(layers))], opts.tokens, opts.estimator)
+def _run_groups(layers: list[torch.Tensor], pre: list, glob, opts: Options, names: list[str]) -> GroupCKA:
+    """Check grouped views and precomputed GroupStats against each other, then run the grouped op.
+
+    ``names``: the raw layers' then the precomputed statistics' argument names (for the messages).
+    """
+    L = len(layers)
+    check_group_layers(layers, names[:L], opts.tokens, opts.estimator)
     G, n = layers[0].shape[:2]
-    check_group_stats(pre, opts, G, n, "layer 0", layers[0].device)
+    check_group_stats(pre, opts, G, n, names[0], names[L:], layers[0].device)
     return _structure.group_cka(
         layers, pre, glob, opts.estimator, _group_backend(opts.backend, layers[0].device)
     )
 
 
 def _group_pairs(xs, ys, pairs, opts: Options) -> GroupCKA:
-    layers, pre, glob = _select(xs, ys, pairs, opts, GroupStats, group_list)
-    return _run_groups(layers, pre, glob, opts)
+    layers, pre, glob, names = _select(xs, ys, pairs, opts, GroupStats, group_list)
+    return _run_groups(layers, pre, glob, opts, names)
 
 
 def cka_groups(
@@ -223,6 +233,8 @@ def cka_matrix(
     """All-pairs CKA, a (len(xs), len(ys)) tensor; ``ys=None`` compares xs with itself.
 
     One Gram per layer and one GEMM over the flattened centred Grams for all pairs. Differentiable.
+    With ``tokens="positions"`` / ``"structure"``: each entry is the mean over the valid groups, as in
+    :func:`cka_pairs`.
     """
     opts = Options(
         estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route
@@ -241,7 +253,8 @@ def cka_matrix(
         layers = xs2 + ys2
         pairs = [(i, A + j) for i in range(A) for j in range(B)]
     if grouped:
-        return _structure.reduce_groups(*_run_groups(layers, [], pairs, opts)).view(A, B)
+        names = [f"xs[{i}]" for i in range(A)] + ([] if ys is None else [f"ys[{j}]" for j in range(B)])
+        return _structure.reduce_groups(*_run_groups(layers, [], pairs, opts, names)).view(A, B)
     return _ops.run(_ops.build_plan(layers, [], pairs, opts)).view(A, B)
 
 
@@ -256,7 +269,10 @@ def cka(
     tokens: str = "flatten",
     route: str = "auto",
 ) -> torch.Tensor:
-    """CKA of two activations with the same number of examples, a 0-d tensor (differentiable)."""
+    """CKA of two activations with the same number of examples, a 0-d tensor (differentiable).
+
+    ``tokens="positions"`` / ``"structure"``: the mean per-position / per-sample CKA (:func:`cka_pairs`).
+    """
     check_tensor(x, "x")
     check_tensor(y, "y")
     return cka_pairs(
@@ -278,6 +294,7 @@ def gram(x: torch.Tensor, *, center: bool = True, tokens: str = "flatten") -> to
     Accumulates in fp32 for fp16/bf16/fp32 inputs (fp64 stays fp64) and returns that dtype.
     Centring subtracts a shift (mean of the first 32 rows) and then the exact column mean, so large
     offsets do not cancel catastrophically in fp32. Differentiable through plain autograd.
+    ``tokens="positions"`` / ``"structure"``: the (G, n, n) stack of each group's Gram (centred per group).
     """
     check_tensor(x, "x")
     check_option(tokens, "tokens", TOKENS)

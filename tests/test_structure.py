@@ -391,7 +391,11 @@ _X3 = torch.randn(6, 5, 4)
             r"ys\[0\] has shape",
         ),
         (lambda: fg.cka(torch.randn(6, 2, 5, 3, 3), _X3, tokens="positions"), ValueError, "sequence or"),
-        (lambda: fg.cka(torch.randn(7, 5, 4), _X3, tokens="positions"), ValueError, "same batch size B"),
+        (
+            lambda: fg.cka(torch.randn(7, 5, 4), _X3, tokens="positions"),
+            ValueError,
+            r"same batch size B.*xs\[0\] has 7 but ys\[0\] has 6",
+        ),
         (lambda: fg.cka(torch.randn(7, 5, 4), _X3, tokens="structure"), ValueError, "same batch size B"),
         (lambda: fg.cka(torch.randn(6, 4, 4), _X3, tokens="positions"), ValueError, "same positions T"),
         (
@@ -428,7 +432,7 @@ _X3 = torch.randn(6, 5, 4)
         (
             lambda: fg.cka_pairs([_X3], [fg.layer_stats(_X3, tokens="positions")], tokens="structure"),
             ValueError,
-            "GroupStats 0 was made with.*tokens='positions'",
+            r"ys\[0\]: precomputed GroupStats made with.*tokens='positions'",
         ),
         (
             lambda: fg.cka_pairs(
@@ -442,7 +446,7 @@ _X3 = torch.randn(6, 5, 4)
                 [_X3], [fg.layer_stats(torch.randn(6, 4, 3), tokens="structure")], tokens="structure"
             ),
             ValueError,
-            "GroupStats 0 has 4",
+            r"xs\[0\] has 5 but ys\[0\] has 4",
         ),
         (lambda: fg.cka_groups([_X3], [_X3], tokens="flatten"), ValueError, "cka_groups needs tokens"),
         (lambda: fg.MinibatchCKA(tokens="positions"), ValueError, "MinibatchCKA does not support"),
@@ -547,3 +551,41 @@ def test_dataclass_and_namedtuple_shapes():
     res = fg.cka_groups([_X3], [_X3], tokens="structure")
     c, v = res
     assert torch.allclose(c, torch.ones_like(c)) and v.all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_accumulate_in_float64(backend):
+    x64, y64 = _seq(dims=(5, 4), dtype=torch.float64)
+    x = x64.requires_grad_(True)
+    got = fg.cka(x, y64.float(), tokens="positions", backend=backend)
+    assert got.dtype == torch.float64
+    # The fp32 layer may accumulate in fp32 (the Triton Gram does; torch upcasts it first).
+    assert_close_verbose(got, R.cka_grouped(x64, y64.float().double(), "positions"), 1e-7, "mixed")
+    got.backward()
+    assert x.grad.dtype == torch.float64 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("tokens", MODES)
+def test_guidance_with_grouped_tokens_on_the_gram_route(tokens):
+    """Guidance's guide hook calls layer_stats(..., tokens=) and passes GroupStats to cka_pairs."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, d), torch.nn.Linear(d, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    target, guide = Net(8), Net(5)
+    x = torch.randn(8, 5, 6)
+    with fg.Guidance(target, guide, layers={"a": "a"}, tokens=tokens, route="gram", estimator="biased") as gd:
+        target(x)
+        loss = gd.loss(x)
+        loss.backward()
+    h_t = torch.tanh(target.a(x))
+    with torch.no_grad():
+        h_g = guide.a(x)
+    want = 1 - R.cka_grouped(target.a(x).detach(), h_g, tokens, "biased")
+    assert_close_verbose(loss, want, 1e-5, "guidance loss")
+    assert torch.isfinite(target.a.weight.grad).all() and h_t.shape == (8, 5, 8)
