@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -14,7 +15,12 @@ from fastguide import _structure
 
 MODES = ["positions", "structure"]
 ESTIMATORS = ["unbiased", "biased"]
-BACKENDS = ["torch", "triton"]  # triton: the interpreter on CPU (tiny shapes)
+# triton: the interpreter on CPU tensors (tiny shapes); on CUDA test_triton_on_cuda runs it compiled.
+_CPU_TRITON = pytest.mark.skipif(
+    torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors need the Triton interpreter; test_triton_on_cuda covers CUDA",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=_CPU_TRITON)]
 
 
 def _seq(B=9, T=6, dims=(7, 5), dtype=torch.float32, scale=1.0, offset=0.0, maps=False):
@@ -158,6 +164,7 @@ def test_gradcheck_fp64(tokens, estimator):
     assert torch.autograd.gradcheck(per_group, (a,))
 
 
+@_CPU_TRITON
 @pytest.mark.parametrize("tokens", MODES)
 def test_gradcheck_fp64_through_triton(tokens):
     # Tiny: every numerical-Jacobian column is an interpreter launch (the guide is precomputed).
@@ -305,7 +312,7 @@ def test_non_contiguous_inputs(tokens, backend):
         .contiguous(memory_format=torch.channels_last),
     }
     for name, v in views.items():
-        v = v.detach().requires_grad_(True)
+        v = v.detach().requires_grad_(True)  # the views keep their strides
         got = fg.cka(v, y64.float(), tokens=tokens, backend=backend)
         ref_x = v.detach().double()
         assert_close_verbose(got, R.cka_grouped(ref_x, y64, tokens), 1e-5, name)
@@ -490,7 +497,12 @@ def _op_args(tokens="positions", estimator="unbiased", backend="torch", pre=Fals
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"tokens": "structure"}, {"estimator": "biased", "pre": True}, {"backend": "triton"}],
+    [
+        {},
+        {"tokens": "structure"},
+        {"estimator": "biased", "pre": True},
+        pytest.param({"backend": "triton"}, marks=_CPU_TRITON),
+    ],
     ids=["positions", "structure", "biased-pre", "triton"],
 )
 def test_opcheck_forward_op(kw):
@@ -589,3 +601,31 @@ def test_guidance_with_grouped_tokens_on_the_gram_route(tokens):
     want = 1 - R.cka_grouped(target.a(x).detach(), h_g, tokens, "biased")
     assert_close_verbose(loss, want, 1e-5, "guidance loss")
     assert torch.isfinite(target.a.weight.grad).all() and h_t.shape == (8, 5, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("tokens", MODES)
+def test_triton_on_cuda(tokens, estimator, dtype):
+    """Compiled kernels (64-row tiles, 64-feature steps crossed) against the float64 oracle, IEEE fp32."""
+    cuda = torch.device("cuda")
+    xs64 = _seq(B=70, T=33, dims=(100, 40), dtype=torch.float64)
+    xs = [x.to(cuda, dtype).requires_grad_(True) for x in xs64]
+    ys = [xs64[1].to(cuda, dtype), xs64[0].to(cuda, dtype)]
+    pairs = [(0, 0), (1, 1)]
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        from fastguide import functional
+
+        assert functional._group_backend("auto", cuda) == "triton"
+        got = fg.cka_pairs(xs, ys, pairs, tokens=tokens, estimator=estimator, backend="triton")
+        got.sum().backward()
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    rounded = [x.detach().double() for x in xs]
+    want = R.cka_pairs_grouped(rounded, [y.double() for y in ys], pairs, tokens, estimator)
+    assert_close_verbose(got, want, CKA_ATOL[dtype], "cuda cka")
+    for x, g in zip(xs, _ref_grads(rounded, [y.double() for y in ys], pairs, tokens, estimator), strict=True):
+        assert_grad_close(x.grad, g, GRAD_RTOL[dtype], "cuda grad")
