@@ -335,9 +335,11 @@ def choose_global_route(
     """How a ``gather=True`` loss should reach the global batch: ``"allreduce"``, ``"gather"`` or ``"local"``.
 
     ``ds_x``/``ds_y``: per-example feature sizes of the target / guide layers (as ``tokens`` views
-    them); ``n``: this rank's batch (the largest rank's, if they differ). ``"local"``: nothing to
-    exchange -- one rank, or ``tokens="structure"``, whose per-sample CKAs need no other rank's examples
-    (DDP's gradient averaging of the per-rank means is the global mean for equal batch sizes).
+    them); ``n``: examples per rank as ``tokens`` views them (B, or B*T for ``"samples"``), the same
+    number on every rank (the largest rank's, if they differ) so that all ranks choose alike.
+    ``"local"``: nothing to exchange -- one rank, or ``tokens="structure"``, whose per-sample CKAs need no
+    other rank's examples (DDP's gradient averaging of the per-rank means is the global mean for equal
+    batch sizes).
     ``"allreduce"`` (:func:`allreduce_feature_cka`) for the linear kernel with ``"flatten"``,
     ``"mean"`` or ``"samples"`` tokens when it sends fewer bytes than gathering; else ``"gather"``.
     """
@@ -348,9 +350,8 @@ def choose_global_route(
         return "local"
     if kernel != "linear" or tokens in GROUP_TOKENS:
         return "gather"
-    n_ex = n  # the caller's n already counts examples as tokens= views them
-    a = allreduce_cost(ds_x, ds_y, pairs, n_ex, world, estimator)
-    g = gather_cost(ds_x, ds_y, pairs, n_ex, world)
+    a = allreduce_cost(ds_x, ds_y, pairs, n, world, estimator)
+    g = gather_cost(ds_x, ds_y, pairs, n, world)
     return "allreduce" if a.bytes < g.bytes else "gather"
 
 

@@ -102,7 +102,7 @@ def group_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def group_grad(W: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale_g W_g X^_g`` per group of a (G, n, d) view, one launch, in x's dtype."""
-    acc = W.dtype if x.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return _group_kernels().group_grad_bwd(
         W.to(acc).contiguous(), x, tb.group_shift(x).contiguous(), scale.to(acc).contiguous()
     )
