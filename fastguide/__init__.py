@@ -3,7 +3,17 @@
 __version__ = "0.1.0"
 
 from .distill import distill_loss
-from .functional import LayerStats, cka, cka_matrix, cka_pairs, gram, layer_stats
+from .functional import (
+    GroupCKA,
+    GroupStats,
+    LayerStats,
+    cka,
+    cka_groups,
+    cka_matrix,
+    cka_pairs,
+    gram,
+    layer_stats,
+)
 from .guidance import Guidance, align
 from .loss import CKALoss
 from .metric import MinibatchCKA
@@ -11,11 +21,14 @@ from .metric import MinibatchCKA
 __all__ = [
     "__version__",
     "LayerStats",
+    "GroupStats",
+    "GroupCKA",
     "layer_stats",
     "gram",
     "cka",
     "cka_matrix",
     "cka_pairs",
+    "cka_groups",
     "CKALoss",
     "MinibatchCKA",
     "Guidance",

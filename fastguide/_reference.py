@@ -177,3 +177,66 @@ def cka_matrix_centred(xs, ys, estimator: str = "unbiased") -> torch.Tensor:
     Cx = torch.stack([centred_linear_gram(x, estimator) for x in xs]).flatten(1)
     Cy = torch.stack([centred_linear_gram(y, estimator) for y in ys]).flatten(1)
     return ((Cx @ Cy.T) / (Cx.norm(dim=1)[:, None] * Cy.norm(dim=1)[None, :])).cpu()
+
+
+# =====================================================================================================
+# Grouped CKA (tokens="positions" / "structure") and global-batch CKA (issue 17). Loops over the groups,
+# calling the per-layer oracle above; nothing shared with the fast paths' grouped view.
+# =====================================================================================================
+def groups(x: torch.Tensor, tokens: str) -> list[torch.Tensor]:
+    """The (n, d) examples matrices of each group, in the input dtype (so the degeneracy rule sees it).
+
+    ``"positions"``: (B, T, D) -> T matrices x[:, t] of B examples; (B, C, H, W) -> H*W matrices
+    x[:, :, h, w] of B examples with C features. ``"structure"``: (B, T, D) -> B matrices x[b] of T
+    tokens; (B, C, H, W) -> B matrices x[b].reshape(C, H*W).T of H*W positions.
+    """
+    B = x.shape[0]
+    if x.dim() == 4:
+        x = x.reshape(B, x.shape[1], -1).transpose(1, 2)  # (B, HW, C)
+    if tokens == "positions":
+        return [x[:, t] for t in range(x.shape[1])]
+    return [x[b] for b in range(B)]
+
+
+def group_valid(x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased") -> bool:
+    """Whether one group pair counts: neither side degenerate, both self-HSICs positive."""
+    if is_degenerate(x) or is_degenerate(y):
+        return False
+    Cx, Cy = centred_linear_gram(x, estimator), centred_linear_gram(y, estimator)
+    return bool((Cx * Cx).sum() > 0 and (Cy * Cy).sum() > 0)
+
+
+def cka_groups(x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = "unbiased"):
+    """(cka (G,), valid (G,)) float64 per-group CKAs of one layer pair; 0 where not valid.
+
+    Each group through :func:`cka_pairs` (centred Grams, on the inputs' device; differentiable).
+    """
+    gx, gy = groups(x, tokens), groups(y, tokens)
+    vals = torch.cat(
+        [cka_pairs([a], [b], [(0, 0)], estimator).to(x.device) for a, b in zip(gx, gy, strict=True)]
+    )
+    valid = torch.tensor(
+        [group_valid(a, b, estimator) for a, b in zip(gx, gy, strict=True)], device=vals.device
+    )
+    return vals, valid
+
+
+def cka_grouped(x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = "unbiased") -> torch.Tensor:
+    """The documented reduction: mean of the per-group CKAs over the valid groups; 0 if there is none."""
+    vals, valid = cka_groups(x, y, tokens, estimator)
+    if not valid.any():
+        return torch.zeros((), dtype=torch.float64, device=vals.device)
+    return vals[valid].mean()
+
+
+def cka_pairs_grouped(xs, ys, pairs, tokens: str, estimator: str = "unbiased") -> torch.Tensor:
+    """:func:`cka_grouped` of each selected (i, j) pair, (P,) float64; differentiable in xs and ys."""
+    return torch.stack([cka_grouped(xs[i], ys[j], tokens, estimator) for i, j in pairs])
+
+
+def cka_global_batch(xs_per_rank, ys_per_rank, pairs, estimator: str = "biased") -> torch.Tensor:
+    """CKA over the concatenated batches of every rank, (P,) float64: what an exact global-batch CKA
+    under torch.distributed must equal. ``xs_per_rank[r][i]`` is layer i on rank r."""
+    xs = [torch.cat([rank[i] for rank in xs_per_rank]) for i in range(len(xs_per_rank[0]))]
+    ys = [torch.cat([rank[j] for rank in ys_per_rank]) for j in range(len(ys_per_rank[0]))]
+    return torch.stack([cka(xs[i], ys[j], estimator) for i, j in pairs])

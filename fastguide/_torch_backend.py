@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import gram_stack, shifted_matmul, sym_gram
-from ._utils import acc_dtype, hsic_norm, shift_of, shifted
+from ._utils import SHIFT_ROWS, acc_dtype, hsic_norm, shift_of, shifted
 
 
 # --------------------------------------------------------------------------- per-layer statistics
@@ -403,6 +403,39 @@ def feature_cost(ds: list[int], pairs: list[tuple[int, int]], n: int) -> tuple[f
     return feat, gram
 
 
+# --------------------------------------------------------------------------- grouped Grams
+def group_shift(x: torch.Tensor) -> torch.Tensor:
+    """Per-group column shift of a (G, n, d) view: the mean of each group's first min(n, 32) rows, (G, d)."""
+    return x[:, :SHIFT_ROWS].to(acc_dtype(x.dtype)).mean(dim=1)
+
+
+def _group_shifted(x: torch.Tensor, shift: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """One shifted copy ``x - shift`` of a (G, n, d) view in ``dt``: one pass, the upcast by type
+    promotion, the view's layout kept (a streaming pass; the batched GEMM takes the strides)."""
+    return x - shift.to(dt).unsqueeze(1)
+
+
+def group_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Backend entry: Grams ``X^_g X^_g^T`` of a (G, n, d) view into ``out`` (G, n, n); returns ``||x_g||^2``.
+
+    One batched GEMM over the groups (no loop over positions or samples). ``||x_g||^2`` (for the
+    degeneracy threshold) from the shifted Gram's trace and the raw column sums, ``tr K + 2 c.(x^T 1) -
+    n ||c||^2``: a (G, d) reduction instead of a second full pass over the strided view.
+    """
+    c = group_shift(x).to(out.dtype)
+    Xh = _group_shifted(x, c, out.dtype)
+    torch.bmm(Xh, Xh.transpose(1, 2), out=out)
+    colsum = x.sum(dim=1, dtype=out.dtype)
+    tr = out.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return tr + 2.0 * (c * colsum).sum(-1) - x.shape[1] * (c * c).sum(-1)
+
+
+def group_grad(W: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Backend entry: ``scale_g W_g X^_g`` per group of a (G, n, d) view, in x's dtype ((G, n, d))."""
+    out = torch.bmm(W, _group_shifted(x, group_shift(x), W.dtype))
+    return out.mul_(scale[:, None, None]).to(x.dtype)
+
+
 __all__ = [
     "gram_fwd",
     "pair_dots",
@@ -413,4 +446,7 @@ __all__ = [
     "cka_from_hsic",
     "pair_weights",
     "feature_cost",
+    "group_shift",
+    "group_gram",
+    "group_grad",
 ]

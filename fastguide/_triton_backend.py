@@ -15,7 +15,16 @@ import torch
 from . import _torch_backend as tb
 from ._utils import pair_index
 
-__all__ = ["load_kernels", "gram_fwd", "pair_dots", "layer_grad", "feature_fwd", "feature_bwd"]
+__all__ = [
+    "load_kernels",
+    "gram_fwd",
+    "pair_dots",
+    "layer_grad",
+    "feature_fwd",
+    "feature_bwd",
+    "group_gram",
+    "group_grad",
+]
 
 _KERNELS = None
 _LAUNCHERS = ("gram_fwd", "hsic_pairs", "grad_x")
@@ -76,3 +85,24 @@ def layer_grad(
 
 feature_fwd = tb.feature_fwd
 feature_bwd = tb.feature_bwd
+
+
+# --------------------------------------------------------------------------- grouped Grams
+def _group_kernels():
+    load_kernels()  # the same availability check and message
+    from .kernels import group
+
+    return group
+
+
+def group_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Grams of the shifted groups of a (G, n, d) view into ``out``, one launch; returns ``||x_g||^2``."""
+    return _group_kernels().group_gram_fwd(x, tb.group_shift(x).contiguous(), out)[1]
+
+
+def group_grad(W: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale_g W_g X^_g`` per group of a (G, n, d) view, one launch, in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _group_kernels().group_grad_bwd(
+        W.to(acc).contiguous(), x, tb.group_shift(x).contiguous(), scale.to(acc).contiguous()
+    )

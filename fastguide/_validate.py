@@ -15,7 +15,12 @@ import torch
 ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
 BACKENDS = ("auto", "torch", "triton")
-TOKENS = ("flatten", "mean", "samples")
+#: How a (B, T, D) activation becomes examples: one (n, d) matrix per layer ...
+LAYER_TOKENS = ("flatten", "mean", "samples")
+#: ... or G groups of (n, d) examples per layer, one CKA per group (``fastguide._structure``):
+#: ``"positions"`` (CKA at each position over the batch), ``"structure"`` (each sample's token x token Gram).
+GROUP_TOKENS = ("positions", "structure")
+TOKENS = LAYER_TOKENS + GROUP_TOKENS
 ROUTES = ("auto", "gram", "feature")
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,6 +62,15 @@ class Options:
                 )
             if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
                 raise ValueError(f"sigma must be a positive number or None (median heuristic); got {sigma!r}")
+        if self.tokens in GROUP_TOKENS:
+            if self.kernel != "linear":
+                raise ValueError(
+                    f"tokens={self.tokens!r} implements the linear kernel; got kernel={self.kernel!r}"
+                )
+            if self.route == "feature":
+                raise ValueError(
+                    f"tokens={self.tokens!r} runs on grouped Grams; route='feature' does not apply"
+                )
 
 
 def check_options(estimator, kernel, backend, tokens, route, sigma) -> Options:
@@ -91,8 +105,14 @@ def as_examples(x: torch.Tensor, tokens: str, name: str) -> torch.Tensor:
 
     (n, ...) flattens everything after dim 0. A 3-D (B, T, D) input follows ``tokens``:
     ``"flatten"`` -> (B, T*D), ``"mean"`` -> (B, D) mean over T, ``"samples"`` -> (B*T, D).
-    ``name`` is kept for symmetry with the checks (the view itself cannot fail).
+    The grouped modes (:data:`GROUP_TOKENS`) have no single examples matrix: they raise, naming ``name``
+    (their view is :func:`group_view`).
     """
+    if tokens in GROUP_TOKENS:
+        raise ValueError(
+            f"tokens={tokens!r} compares grouped Grams (one per position or per sample), not one (n, d) "
+            f"examples matrix of {name}; use fastguide.layer_stats / cka_pairs / cka_groups with it"
+        )
     if x.dim() == 3 and tokens == "mean":
         return x.mean(dim=1)
     if x.dim() == 3 and tokens == "samples":
@@ -189,3 +209,102 @@ def pair_range(pairs: Sequence[tuple[int, int]], nx: int, ny: int) -> list[tuple
 def check_pairs(pairs, nx: int, ny: int) -> list[tuple[int, int]]:
     """:func:`pair_types` then :func:`pair_range`."""
     return pair_range(pair_types(pairs), nx, ny)
+
+
+# --------------------------------------------------------------------------- grouped modes
+def group_view(x: torch.Tensor, tokens: str, name: str) -> torch.Tensor:
+    """The (G, n, d) grouped view of a (B, T, D) or (B, C, H, W) activation (a view: no copy).
+
+    ``"positions"``: G = T positions (H*W for maps) of n = B examples with d = D (C) features.
+    ``"structure"``: G = B samples of n = T tokens (H*W positions) with d = D (C) features.
+    """
+    if x.dim() == 3:
+        return x.transpose(0, 1) if tokens == "positions" else x
+    if x.dim() == 4:
+        seq = x.flatten(2)  # (B, C, HW)
+        return seq.permute(2, 0, 1) if tokens == "positions" else seq.transpose(1, 2)
+    raise ValueError(
+        f"tokens={tokens!r} needs (B, T, D) sequence or (B, C, H, W) map activations; "
+        f"{name} has shape {tuple(x.shape)}"
+    )
+
+
+def group_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
+    """A non-empty list/tuple of activations, each checked and viewed as (G, n, d) groups."""
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors; got {type(xs).__name__}")
+    if len(xs) == 0:
+        raise ValueError(f"{name} must hold at least one layer")
+    out = []
+    for k, x in enumerate(xs):
+        check_tensor(x, f"{name}[{k}]")
+        out.append(group_view(x, tokens, f"{name}[{k}]"))
+    return out
+
+
+def _group_words(tokens: str) -> tuple[str, str]:
+    """What G and n are called in the messages of a grouped mode."""
+    if tokens == "positions":
+        return "positions T (H*W for maps)", "batch size B"
+    return "batch size B", "tokens T (H*W for maps)"
+
+
+def check_group_sizes(G: int, n: int, name: str, G0: int, n0: int, name0: str, tokens: str) -> None:
+    """Same number of groups G and of examples per group n as the first layer, else a ValueError."""
+    g_word, n_word = _group_words(tokens)
+    if G != G0:
+        why = (
+            "position t is compared with position t"
+            if tokens == "positions"
+            else "sample b is compared with sample b"
+        )
+        raise ValueError(
+            f"tokens={tokens!r}: all layers need the same {g_word} ({why}); "
+            f"{name0} has {G0} but {name} has {G}"
+        )
+    if n != n0:
+        why = (
+            "each position's CKA is over the batch"
+            if tokens == "positions"
+            else "each sample's T x T Grams are compared; resample one side's tokens (e.g. F.interpolate or "
+            "F.adaptive_avg_pool2d) to the other's count first"
+        )
+        raise ValueError(
+            f"tokens={tokens!r}: all layers need the same {n_word} ({why}); "
+            f"{name0} has {n0} but {name} has {n}"
+        )
+
+
+def check_group_layers(layers, names, tokens: str, estimator: str) -> None:
+    """Agreement checks across the (G, n, d) views: same G, same n, one device, n large enough."""
+    G0, n0 = layers[0].shape[:2]
+    dev0 = layers[0].device
+    for x, name in zip(layers, names, strict=True):
+        check_group_sizes(x.shape[0], x.shape[1], name, G0, n0, names[0], tokens)
+        if x.device != dev0:
+            raise ValueError(
+                f"all layers must be on one device; {names[0]} is on {dev0}, {name} on {x.device}"
+            )
+    need = min_examples(estimator)
+    if n0 < need:
+        _, n_word = _group_words(tokens)
+        raise ValueError(
+            f"tokens={tokens!r} with the {estimator} estimator needs {n_word} >= {need}; got {n0} "
+            f"(in {names[0]})"
+        )
+
+
+def check_group_stats(stats, opts: Options, G: int, n: int, name0: str, names, device: torch.device) -> None:
+    """Precomputed :class:`fastguide.GroupStats` (argument names ``names``) must match the call's
+    options, the first layer's G and n (``name0``) and its device."""
+    for st, name in zip(stats, names, strict=True):
+        if st.estimator != opts.estimator or st.tokens != opts.tokens:
+            raise ValueError(
+                f"{name}: precomputed GroupStats made with estimator={st.estimator!r}, tokens={st.tokens!r}; "
+                f"this call uses estimator={opts.estimator!r}, tokens={opts.tokens!r}"
+            )
+        check_group_sizes(st.groups, st.n, name, G, n, name0, opts.tokens)
+        if st.C.device != device:
+            raise ValueError(
+                f"all layers must be on one device; {name0} is on {device}, {name} on {st.C.device}"
+            )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import Options, check_option, pair_types
-from .functional import LayerStats, cka_pairs
+from .functional import GroupStats, LayerStats, cka_pairs
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -21,7 +21,9 @@ class CKALoss(nn.Module):
     Args:
         pairs: (i, j) index pairs into (target_acts, guide_acts); ``None`` pairs them one-to-one.
         weights: per-pair weights (default 1). Stored as a buffer, so ``.to()`` moves it.
-        estimator, kernel, sigma, backend, tokens, route: as in :func:`fastguide.cka_pairs`.
+        estimator, kernel, sigma, backend, tokens, route: as in :func:`fastguide.cka_pairs`. With
+            ``tokens="positions"`` / ``"structure"`` each pair's CKA is its mean over the valid positions
+            / samples, and ``guide_acts`` may hold :class:`fastguide.GroupStats`.
         reduction: ``"sum"`` (the paper's), ``"mean"`` (the weighted mean ``sum w (1-CKA) / sum w``,
             like torch's weighted losses) or ``"none"`` (the per-pair vector ``w (1 - CKA)``).
     """
@@ -59,7 +61,9 @@ class CKALoss(nn.Module):
         self.reduction, self.backend, self.tokens, self.route = reduction, backend, tokens, route
 
     def forward(
-        self, target_acts: Sequence[torch.Tensor], guide_acts: Sequence[torch.Tensor | LayerStats]
+        self,
+        target_acts: Sequence[torch.Tensor],
+        guide_acts: Sequence[torch.Tensor | LayerStats | GroupStats],
     ) -> torch.Tensor:
         c = cka_pairs(
             target_acts,

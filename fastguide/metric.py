@@ -8,7 +8,7 @@ import torch
 
 from . import _ops
 from ._utils import pair_index
-from ._validate import Options, check_pairs, layer_list, pair_types
+from ._validate import GROUP_TOKENS, Options, check_pairs, layer_list, pair_types
 
 _STATE_VERSION = 1
 _STATE_KEYS = (
@@ -66,6 +66,12 @@ class MinibatchCKA:
         self._opts = Options(
             estimator=estimator, kernel=kernel, sigma=sigma, backend=backend, tokens=tokens, route=route
         )
+        if tokens in GROUP_TOKENS:
+            # One accumulated CKA per layer pair; per-group sums are a different metric (not built).
+            raise ValueError(
+                f"MinibatchCKA does not support tokens={tokens!r} (one CKA per position or sample); "
+                "average fastguide.cka_groups over your batches instead"
+            )
         self.estimator, self.kernel, self.sigma = estimator, kernel, sigma
         self.backend, self.tokens, self.route = backend, tokens, route
         # Type check now; the range is checked against the layer counts of the first update.

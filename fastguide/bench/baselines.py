@@ -4,7 +4,10 @@
   row dots (one GEMM for a matrix), autograd for the backward;
 * the per-pair ``linear_CKA`` that repositories copy and the paper's code uses (``naive``): an explicit
   centring matrix ``H K H``, and every HSIC call rebuilds its Grams, so one CKA costs six Gram products;
-* the peer libraries ``pytorch-cka`` (module ``cka``) and ``ckatorch``, when installed.
+* the peer libraries ``pytorch-cka`` (module ``cka``) and ``ckatorch``, when installed;
+* grouped CKA as users write it today (``loop``, ``einsum``): per-position CKA of (B, T, D) activations
+  (CKA at each position over the batch) and per-sample structure CKA (each sample's T x T token Grams),
+  as a Python loop over positions/samples calling a careful per-layer CKA, or batched with einsum.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ __all__ = [
     "ckatorch_matrix",
     "have",
     "compiled",
+    "careful_cka",
+    "loop_group_cka",
+    "einsum_group_cka",
 ]
 
 
@@ -157,3 +163,52 @@ def ckatorch_matrix(xs, ys) -> torch.Tensor:
     from ckatorch.core import cka_base
 
     return torch.stack([torch.stack([cka_base(_flat(x), _flat(y), unbiased=True) for y in ys]) for x in xs])
+
+
+# --------------------------------------------------------------------------- grouped CKA (issue 17)
+def careful_cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased") -> torch.Tensor:
+    """One careful per-layer CKA (centre once, one Gram per side, autograd backward)."""
+    Kx, Ky = careful_gram(x, estimator), careful_gram(y, estimator)
+    return (Kx * Ky).sum() / ((Kx * Kx).sum().sqrt() * (Ky * Ky).sum().sqrt())
+
+
+def loop_group_cka(x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = "biased") -> torch.Tensor:
+    """Mean per-position (``tokens="positions"``) or per-sample (``"structure"``) CKA of (B, T, D)
+    activations: a Python loop calling :func:`careful_cka` on each slice."""
+    if tokens == "positions":
+        vals = [careful_cka(x[:, t], y[:, t], estimator) for t in range(x.shape[1])]
+    else:
+        vals = [careful_cka(x[b], y[b], estimator) for b in range(x.shape[0])]
+    return torch.stack(vals).mean()
+
+
+def _batched_centred_gram(X: torch.Tensor, estimator: str) -> torch.Tensor:
+    """(G, n, n) Grams of (G, n, d) groups, features centred per group; U-centred for unbiased."""
+    if X.dtype in (torch.float16, torch.bfloat16):
+        X = X.float()
+    X = X - X.mean(dim=1, keepdim=True)
+    K = torch.einsum("gid,gjd->gij", X, X)
+    if estimator == "biased":
+        return K
+    n = K.shape[-1]
+    Kt = K - torch.diag_embed(torch.diagonal(K, dim1=-2, dim2=-1))
+    r = Kt.sum(-1)
+    U = (
+        Kt
+        - r[:, :, None] / (n - 2)
+        - r[:, None, :] / (n - 2)
+        + Kt.sum((-2, -1))[:, None, None] / ((n - 1) * (n - 2))
+    )
+    return U - torch.diag_embed(torch.diagonal(U, dim1=-2, dim2=-1))
+
+
+def einsum_group_cka(
+    x: torch.Tensor, y: torch.Tensor, tokens: str, estimator: str = "biased"
+) -> torch.Tensor:
+    """The same mean CKA batched with einsum: all groups' Grams at once, autograd backward."""
+    if tokens == "positions":
+        x, y = x.transpose(0, 1), y.transpose(0, 1)  # (T, B, D): groups of B examples
+    Kx, Ky = _batched_centred_gram(x, estimator), _batched_centred_gram(y, estimator)
+    num = (Kx * Ky).sum((-2, -1))
+    den = (Kx * Kx).sum((-2, -1)).sqrt() * (Ky * Ky).sum((-2, -1)).sqrt()
+    return (num / den).mean()

@@ -3,6 +3,7 @@
 * :mod:`.loss`: guidance loss on mapped pairs (W1, W3, token level), fwd / bwd / fwd+bwd;
 * :mod:`.matrix`: all-pairs CKA matrix (W2, W3); :mod:`.metric`: ``MinibatchCKA.update`` (W3);
 * :mod:`.step`: whole guided training steps (W1, W4);
+* :mod:`.structure`: grouped CKA losses (``tokens="positions"`` / ``"structure"``) vs loop / einsum code;
 * :mod:`.base`: :class:`Case`, :class:`Runner`, the sizes of each scale (:data:`SCALES`).
 """
 
@@ -13,6 +14,7 @@ from .loss import clear_input_cache, tokens_case, w1_loss_case, w3_loss_case
 from .matrix import w2_case, w3_matrix_case
 from .metric import metric_case
 from .step import step_case
+from .structure import structure_cases
 
 __all__ = ["SCALES", "Case", "Runner", "build_cases", "clear_input_cache"]
 
@@ -45,6 +47,7 @@ def build_cases(
         metric_case(sc),
         step_case(sc, "W1step"),
         step_case(sc, "W4step"),
+        *structure_cases(scale),
     ]
     if only:
         keys = [o.lower() for o in only]
