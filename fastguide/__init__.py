@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .align import AlignHistory, align
 from .distill import distill_loss
 from .functional import LayerStats, cka, cka_matrix, cka_pairs, gram, layer_stats
-from .guidance import Guidance, align
+from .guidance import Guidance
 from .loss import CKALoss
 from .metric import MinibatchCKA
 
@@ -20,5 +21,6 @@ __all__ = [
     "MinibatchCKA",
     "Guidance",
     "align",
+    "AlignHistory",
     "distill_loss",
 ]
