@@ -52,7 +52,8 @@ class _GuideCall:
     __slots__ = ("thread", "names", "stats", "batch", "n_target", "sizes", "mask", "device")
 
     def __init__(self, names, n_target, mask, device):
-        self.thread = threading.get_ident()
+        # Compiled code runs on the thread that traced it; the thread check is eager-only.
+        self.thread = None if torch.compiler.is_compiling() else threading.get_ident()
         self.names = names
         self.stats: dict[str, Any] = {}
         self.batch: dict[str, int] = {}
@@ -90,9 +91,12 @@ class GuideMixin:
         if call.n_target is not None:  # gathering: agree on every rank's sizes before any activation moves
             t = self._gather_guide(name, t, call)
         call.batch[name] = t.shape[0]
-        if self.kernel == "linear" and self.route != "gram":
+        compiling = torch.compiler.is_compiling()
+        if compiling or (self.kernel == "linear" and self.route != "gram"):
             y2 = as_examples(t, tokens, f"guide layer {name!r}")
-            if self.route == "feature" or y2.shape[1] < y2.shape[0]:
+            # Compiled code keeps the examples and forms the Gram inside the loss's custom op: the Gram
+            # statistics' CPU path makes host-side choices that torch.compile cannot trace.
+            if compiling or self.route == "feature" or y2.shape[1] < y2.shape[0]:
                 # Narrower than the batch: the features themselves (n*d) are smaller than a Gram (n^2).
                 # A copy, so that later in-place ops of the guide cannot change them.
                 call.stats[name] = y2.detach().clone()

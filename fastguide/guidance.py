@@ -402,10 +402,10 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
 
     # ------------------------------------------------------------------ step
 
-    def _take(self, train: bool, compiling: bool) -> dict:
+    def _take(self, t_names: list[str], train: bool, compiling: bool) -> dict:
         """This call's captures (validated in eager mode); nothing is consumed here."""
         store = self._t_acts if train else (self._e_acts or self._t_acts)
-        missing = [n for n in self._mapping[0] if n not in store]
+        missing = [n for n in t_names if n not in store]
         if missing:
             how = "with grad enabled " if train else ""
             raise RuntimeError(
@@ -419,7 +419,7 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
             )
         acts = {}
         multi = []
-        for n in self._mapping[0]:
+        for n in t_names:
             t, version, calls = store[n]
             if calls > 1:
                 multi.append((n, calls))
@@ -472,9 +472,10 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
         compiling = torch.compiler.is_compiling()
         if train and not self._now_active:
             self._t_acts.clear()
-            self._finish(train, compiling)
+            self._finish(train)
             return torch.zeros((), device=_model_device(self.target))
-        if self._mapping is None:
+        mapping, pending = self._mapping, None
+        if mapping is None:
             store = self._t_acts if train else (self._e_acts or self._t_acts)
             if not store:
                 raise RuntimeError(
@@ -482,16 +483,27 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
                 )
             if compiling:
                 _resolve_in_eager(self, list(store), g_in)
+                mapping = self._mapping
             else:
-                self._commit_mapping(self._auto_mapping(list(store), g_in))
-        acts = self._take(train, compiling)
-        value, ckas = self._compute(acts, g_in, mask)
+                # Resolved now, committed only if this call succeeds (the guide hooks are temporary).
+                mapping = self._auto_mapping(list(store), g_in)
+                pending = HookSet(self)
+                for n in mapping[1]:
+                    pending.add(self, "_on_guide", n, self._g_modules[n])
+        try:
+            acts = self._take(mapping[0], train, compiling)
+            value, ckas = self._compute(mapping, acts, g_in, mask)
+        finally:
+            if pending is not None:
+                pending.remove()
+        if pending is not None:
+            self._commit_mapping(mapping)
         if train:
             self._t_acts.clear()
         elif self._e_acts:
             self._e_acts.clear()
         self._last_cka = ckas.detach()
-        self._finish(train, compiling)
+        self._finish(train)
         return value
 
     def forward(
@@ -500,15 +512,14 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
         """``guidance(x)`` is :meth:`loss`."""
         return self.loss(x, guide_input=guide_input, mask=mask)
 
-    def _finish(self, train: bool, compiling: bool) -> None:
+    def _finish(self, train: bool) -> None:
         if train and self.step_on == "loss":
-            if compiling:
-                _count_loss_call(self)
-            else:
-                self._count_loss_call()
+            _count_loss_call(self)  # eager code always (also when called from a graph break's resume)
 
-    def _compute(self, acts: dict, g_in: Any, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        t_names, g_names, pair_idx = self._mapping
+    def _compute(
+        self, mapping, acts: dict, g_in: Any, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t_names, g_names, pair_idx = mapping
         xs = [acts[n] for n in t_names]
         tokens, idx = self.tokens, None
         if mask is not None:
