@@ -203,6 +203,7 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
             backend,
         )
         self.gather, self.route, self.process_group = gather, route, process_group
+        self.guide_device = None if guide_device is None else torch.device(guide_device)
         self._step = 0
         self._micro = 0  # training loss() calls counted into the current accumulation block
         self._last_cka: torch.Tensor | None = None
