@@ -255,6 +255,21 @@ def test_hf_auto_layers_are_block_outputs():
     assert gpt2.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
+@pytest.mark.parametrize(
+    "layers", ["auto", {"transformer.h.0.mlp.c_fc": "encoder.layer.0"}], ids=["blocks", "inside"]
+)
+def test_hf_gradient_checkpointing(layers):
+    model, guide = _gpt2(), _bert()
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 50, (4, 10))
+    with fastguide.Guidance(model, guide, layers=layers, tokens="samples") as g:
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + g.loss({"input_ids": ids})).backward()
+        assert g._t_acts == {}  # the re-run forwards of the backward pass were not captured
+        assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+
+
 def _lm_dataset(n=24, t=10, seed=0):
     g = torch.Generator().manual_seed(seed)
 
