@@ -17,7 +17,6 @@ hook, so guide activations are freed layer by layer. The loss is ``weight * sum_
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,8 +25,9 @@ from torch import nn
 
 from ._capture import Capture, HookSet
 from ._guide_side import GuideMixin, _GuideCall, _masked, _model_device, as_args
-from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, batch_first, first_tensor, resolve_name
+from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, first_tensor, resolve_name
 from ._schedule import ScheduleMixin, _count_loss_call
+from ._target_side import TargetMixin
 from .distributed import all_gather_batch, is_distributed
 
 # A private helper of the ops (functional.py's validation is being restructured): option checks only.
@@ -39,12 +39,6 @@ __all__ = ["Guidance", "AUTO_TYPES", "auto_pairs", "first_tensor"]
 _MULTI_CALL = ("warn", "error", "first", "last")
 
 
-def _in_backward() -> bool:
-    # Activation checkpointing re-runs forwards inside the backward pass; those are not this step's.
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
 @torch.compiler.disable(
     reason="fastguide.Guidance resolves layers='auto' in eager code; before compiling with fullgraph=True "
     "pass explicit layers, example=<input>, or run one eager step"
@@ -53,12 +47,7 @@ def _resolve_in_eager(guidance: Guidance, t_order: list[str], g_in: Any) -> None
     guidance._commit_mapping(guidance._auto_mapping(t_order, g_in))
 
 
-@torch.compiler.disable
-def _warn(msg: str) -> None:
-    warnings.warn(msg, stacklevel=4)
-
-
-class Guidance(ScheduleMixin, GuideMixin, nn.Module):
+class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
     """Representational-guidance wrapper: CKA alignment of ``target`` layers to a frozen ``guide``.
 
     Args:
@@ -113,7 +102,16 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
     ``nn.Module`` without parameters (it does not register ``target`` or ``guide``): held by a model
     or LightningModule, its :meth:`state_dict` (step, schedule, resolved pairs) is checkpointed with it.
     A failed ``loss()`` changes no state. Copies (``copy.deepcopy``, pickling) of a hooked module or of
-    a ``Guidance`` carry no live hooks.
+    a ``Guidance`` carry no live hooks. The hooked outputs of the last evaluation forward stay
+    referenced until the next forward or ``loss()`` (:meth:`remove_hooks` drops them).
+
+    ``torch.compile``: a compiled target, a compiled step with graph breaks (the schedule is counted
+    in eager code at a graph break) and ``fullgraph=True`` over target forward + ``loss`` (needs
+    ``step_on="optimizer"`` and resolved layers) all work; the schedule enters compiled code as a bool
+    and a weight tensor, so moving steps do not recompile. Compiled code keeps guide layers as
+    (detached) examples and forms their Grams inside the loss's custom op. The in-place check is
+    eager-only (versions are symbolic under compile): in compiled code a hooked output rewritten in
+    place is seen rewritten, so pass ``clone_inplace=True`` there, or check one eager step.
     """
 
     def __init__(
@@ -372,82 +370,7 @@ class Guidance(ScheduleMixin, GuideMixin, nn.Module):
         # A copy is not hooked: call register_hooks() to guide the copied target.
         self._init_runtime()
 
-    # ------------------------------------------------------------------ hooks
-
-    def _on_root(self, name: str, module: nn.Module, _args: Any) -> None:
-        # A new forward of the target: captures of an earlier forward of the same kind are replaced.
-        (self._t_acts if torch.is_grad_enabled() else self._e_acts).clear()
-
-    def _on_target(self, name: str, module: nn.Module, output: Any) -> None:
-        compiling = torch.compiler.is_compiling()
-        if torch.is_grad_enabled():
-            # Compiled code captures on every step: reading the schedule there would guard on the step.
-            if not compiling and (not self._now_active or _in_backward()):
-                return
-            store = self._t_acts
-        else:
-            store = self._e_acts
-        prev = store.get(name)
-        if prev is not None and self.multi_call == "first":
-            store[name] = (prev[0], prev[1], prev[2] + 1)
-            return
-        t = first_tensor(output)
-        if t is None:
-            raise TypeError(f"target module {name!r} returned no tensor ({type(output).__name__})")
-        t = batch_first(module, t)
-        if self.clone_inplace:
-            t = t.clone()
-        # Under compile the version is symbolic (data-dependent) and of the traced tensor: not recorded.
-        version = None if compiling or t.is_inference() else t._version
-        store[name] = (t, version, 1 if prev is None else prev[2] + 1)
-
     # ------------------------------------------------------------------ step
-
-    def _take(self, t_names: list[str], train: bool, compiling: bool) -> dict:
-        """This call's captures (validated in eager mode); nothing is consumed here."""
-        store = self._t_acts if train else (self._e_acts or self._t_acts)
-        missing = [n for n in t_names if n not in store]
-        if missing:
-            how = "with grad enabled " if train else ""
-            raise RuntimeError(
-                f"target module(s) {missing} did not fire since the last loss() call: run target(x) {how}"
-                "before guidance.loss(x)"
-                + (
-                    " (forwards under torch.no_grad() are evaluation forwards)"
-                    if train and self._e_acts
-                    else ""
-                )
-            )
-        acts = {}
-        multi = []
-        for n in t_names:
-            t, version, calls = store[n]
-            if calls > 1:
-                multi.append((n, calls))
-            if not compiling and version is not None and t._version != version:
-                raise RuntimeError(
-                    f"the output of target module {n!r} was modified in place after the hook captured it "
-                    "(e.g. by ReLU(inplace=True)); CKA would use the wrong values. Make that op out-of-place "
-                    "or pass clone_inplace=True"
-                )
-            if self.check_finite and not bool(torch.isfinite(t).all()):
-                raise FloatingPointError(f"target layer {n!r} has non-finite values (NaN or inf)")
-            acts[n] = t
-        if multi and self.multi_call in ("warn", "error"):
-            what = ", ".join(f"{n!r} ({c} calls)" for n, c in multi)
-            if self.multi_call == "error":
-                raise RuntimeError(
-                    f"target module(s) {what} ran several times in one forward; CKA needs one activation "
-                    "per module: pass multi_call='first' or 'last' to choose one"
-                )
-            new = [n for n, _ in multi if n not in self._warned]
-            if new:
-                self._warned.update(new)
-                _warn(
-                    f"fastguide.Guidance: target module(s) {what} ran several times in one forward; the "
-                    "last call is used (multi_call='first'|'last' silences this, 'error' raises)"
-                )
-        return acts
 
     def loss(
         self, x: Any = None, *, guide_input: Any = None, mask: torch.Tensor | None = None

@@ -117,7 +117,9 @@ class GuidedTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        prefixes = [k[: -len("_loss")] for k in logs if k.endswith("_loss") and k != "loss"]
+        prefixes = [
+            k[: -len("_loss")] for k in logs if k.endswith("_loss") and k not in ("loss", "train_loss")
+        ]
         if prefixes and self._eval_cka:
             # Evaluation metrics: the mean per-pair CKA over the evaluated batches (one host copy).
             mean = torch.stack([c.to(self._eval_cka[0].device) for c in self._eval_cka]).mean(0).cpu()
