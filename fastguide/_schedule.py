@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,7 +37,44 @@ def _noop_optimizer_hook(*args, **kwargs) -> None:
     return None
 
 
-@torch.compiler.disable(
+_EAGER_REASONS: dict[Callable, str | None] = {}
+_DISABLED: dict[Callable, Callable] = {}
+
+
+def eager_only(reason: str | None = None):
+    """Decorator: the function runs as eager code also when compiled code calls it (a graph break,
+    whose message under ``fullgraph=True`` is ``reason``). The ``torch.compiler.disable`` wrapper is
+    made on first use under compile: it imports torch._dynamo, which ``import fastguide`` does not."""
+
+    def deco(fn: Callable) -> Callable:
+        _EAGER_REASONS[fn] = reason
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return _disabled(fn)(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return deco
+
+
+def _disabled(fn: Callable) -> Callable:
+    wrapped = _DISABLED.get(fn)
+    if wrapped is None:
+        wrapped = _DISABLED[fn] = torch.compiler.disable(fn, reason=_EAGER_REASONS[fn])
+    return wrapped
+
+
+def prepare_eager_only() -> None:
+    """Make the wrappers now if torch._dynamo is loaded already (so that compiled code finds them)."""
+    if "torch._dynamo" in sys.modules:
+        for fn in _EAGER_REASONS:
+            _disabled(fn)
+
+
+@eager_only(
     reason="fastguide.Guidance counts loss() calls in eager code; under torch.compile(fullgraph=True) "
     "construct it with step_on='optimizer' and advance the schedule outside the compiled region "
     "(guidance.attach_optimizer(opt) or guidance.optimizer_step())"

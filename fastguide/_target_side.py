@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._mapping import batch_first, first_tensor
+from ._schedule import eager_only
 
 
 def _in_backward() -> bool:
@@ -17,7 +18,7 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-@torch.compiler.disable
+@eager_only()
 def _warn(msg: str) -> None:
     warnings.warn(msg, stacklevel=4)
 

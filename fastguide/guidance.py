@@ -26,7 +26,7 @@ from torch import nn
 from ._capture import Capture, HookSet
 from ._guide_side import GuideMixin, _GuideCall, _masked, _model_device, as_args
 from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, first_tensor, resolve_name
-from ._schedule import ScheduleMixin, _count_loss_call
+from ._schedule import ScheduleMixin, _count_loss_call, eager_only, prepare_eager_only
 from ._target_side import TargetMixin
 from .distributed import all_gather_batch, is_distributed
 
@@ -39,7 +39,7 @@ __all__ = ["Guidance", "AUTO_TYPES", "auto_pairs", "first_tensor"]
 _MULTI_CALL = ("warn", "error", "first", "last")
 
 
-@torch.compiler.disable(
+@eager_only(
     reason="fastguide.Guidance resolves layers='auto' in eager code; before compiling with fullgraph=True "
     "pass explicit layers, example=<input>, or run one eager step"
 )
@@ -143,6 +143,7 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         route: str = "auto",
     ):
         super().__init__()
+        prepare_eager_only()
         if not isinstance(target, nn.Module) or not isinstance(guide, nn.Module):
             raise TypeError("target and guide must be nn.Module instances")
         if target is guide:

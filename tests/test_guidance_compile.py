@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastguide
 
@@ -15,16 +14,18 @@ LAYERS = {"0": "0", "2": "2"}
 
 
 @pytest.fixture(autouse=True)
-def _nan_poisoned_empty():
-    """conftest's NaN-poisoned torch.empty inspects frames, which dynamo cannot trace: off here."""
-    yield
-
-
-@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def _counter(backend):
+    # Imported here, not at collection: an early torch._dynamo import changes how dynamo sees the
+    # conftest's patched torch.empty for the other test modules.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(backend)
 
 
 def _nets():
@@ -84,7 +85,7 @@ def test_compiled_guided_step_with_graph_breaks_keeps_the_schedule():
     kw = dict(layers=LAYERS, until=2, weight=lambda s: 1.0 + s)
     want = _eager(target, guide, xs, **kw)
     gd = fastguide.Guidance(target, guide, **kw)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = _counter("aot_eager")
 
     @torch.compile(backend=counter)
     def step(x):
@@ -110,7 +111,7 @@ def test_fullgraph_forward_and_loss():
     gd = fastguide.Guidance(target, guide, layers=LAYERS, step_on="optimizer")
     opt = torch.optim.SGD(target.parameters(), lr=0.0)
     gd.attach_optimizer(opt)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = _counter("aot_eager")
 
     @torch.compile(backend=counter, fullgraph=True)
     def step(x):
