@@ -21,7 +21,18 @@ setup(
     install_requires=["torch>=2.4", "triton", "numpy", "scipy", "threadpoolctl"],
     extras_require={
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
+        # Optional integrations (fastguide.integrations); none pulls torchvision or another torch.
+        "integrations": ["lightning", "transformers", "accelerate"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "scikit-learn",
+            "matplotlib",
+            "tqdm",
+            "lightning",
+            "transformers",
+            "accelerate",
+        ],
         "peers": ["pytorch-cka", "ckatorch"],
         "dev": ["ruff"],
     },

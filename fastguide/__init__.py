@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .align import AlignHistory, align
 from .distill import distill_loss
 from .functional import (
     GroupCKA,
@@ -14,7 +15,7 @@ from .functional import (
     gram,
     layer_stats,
 )
-from .guidance import Guidance, align
+from .guidance import Guidance
 from .loss import CKALoss
 from .metric import MinibatchCKA
 
@@ -33,5 +34,6 @@ __all__ = [
     "MinibatchCKA",
     "Guidance",
     "align",
+    "AlignHistory",
     "distill_loss",
 ]

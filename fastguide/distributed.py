@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_batch", "batch_sizes", "is_distributed"]
+__all__ = ["all_gather_batch", "batch_sizes", "gather_ints", "is_distributed"]
 
 
 def is_distributed(group=None) -> bool:
@@ -23,15 +23,21 @@ def is_distributed(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def batch_sizes(n: int, device: torch.device, group=None) -> list[int]:
-    """Every rank's batch size (one all-gather of one integer on ``device``, which the group's backend
-    must support: CUDA for NCCL, CPU for Gloo)."""
+def gather_ints(values: list[int], device: torch.device, group=None) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each rank), in rank order: one all-gather of a small
+    int64 tensor on ``device``, which the group's backend must support (CUDA for NCCL, CPU for Gloo),
+    and one host copy of the result."""
     if not is_distributed(group):
-        return [int(n)]
-    mine = torch.tensor([int(n)], dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
-    return [int(t.item()) for t in out]
+        return [[int(v) for v in values]]
+    mine = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    out = torch.empty((dist.get_world_size(group), mine.numel()), dtype=torch.int64, device=device)
+    dist.all_gather(list(out.unbind(0)), mine, group=group)
+    return out.cpu().tolist()
+
+
+def batch_sizes(n: int, device: torch.device, group=None) -> list[int]:
+    """Every rank's batch size (:func:`gather_ints` of one integer)."""
+    return [v[0] for v in gather_ints([n], device, group)]
 
 
 class _GatherBatch(torch.autograd.Function):

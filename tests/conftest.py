@@ -37,6 +37,10 @@ _real_empty_like = torch.empty_like
 
 
 def _from_fastguide() -> bool:
+    # Not while dynamo traces (it cannot trace frame inspection; whether it inlines this patched
+    # function depends on when torch._dynamo was first imported).
+    if torch.compiler.is_compiling():
+        return False
     frame = inspect.currentframe().f_back.f_back
     return frame is not None and frame.f_globals.get("__name__", "").startswith("fastguide")
 

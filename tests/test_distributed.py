@@ -1,5 +1,6 @@
 """Global-batch CKA under torch.distributed: all_gather_batch and Guidance(gather=True) on two Gloo ranks."""
 
+import gc
 import os
 
 import pytest
@@ -57,44 +58,61 @@ def test_gather_flag_without_process_group_matches_local():
 def _worker(rank, world, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        x_all = _data()
-        off = sum(SIZES[:rank])
-        x = x_all[off : off + SIZES[rank]]
-        res = {}
-
-        # all_gather_batch: forward is the concatenation in rank order; backward sums over ranks.
-        xr = x.clone().requires_grad_(True)
-        full = all_gather_batch(xr)
-        res["gathered"] = full.detach()
-        w = torch.linspace(-1, 1, full.numel()).reshape(full.shape)
-        (full * w).square().sum().backward()
-        res["gather_grad"] = xr.grad
-
-        # Guidance(gather=True) on a DDP-wrapped target: the loss covers the global batch and the
-        # averaged parameter gradients are those of the single-process loss on the whole batch.
-        target, guide = _models()
-        ddp = nn.parallel.DistributedDataParallel(target)
-        gd = fg.Guidance(ddp, guide, layers={"module.0": "0", "module.2": "2"}, gather=True)
-        y = ddp(x)
-        loss = gd.loss(x)
-        # DDP waits for a gradient of every parameter the output depends on: a zero task term stands
-        # in for the task loss so that the last (unhooked) layer gets one.
-        (loss + 0.0 * y.sum()).backward()
-        res["loss"] = loss.detach()
-        res["cka"] = gd.last_cka
-        res["grads"] = [p.grad.clone() for p in target.parameters()]
-
-        # A guide fed a different batch than the target raises on every rank (before its gather).
-        ddp(x)
-        try:
-            gd.loss(x[:-1])
-        except ValueError as e:
-            res["mismatch"] = str(e)
-        gd.close()
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        _ranks_body(rank, out)
     finally:
+        # Teardown order matters with Gloo: a process group whose last reference goes (here: DDP's
+        # reducer) while a Gloo worker thread still releases a finished collective that holds Python
+        # tensors deadlocks (the worker waits for the GIL, the destructor joins it) or, at interpreter
+        # exit, aborts ("terminate called without an active exception"). So every object that holds the
+        # group is gone (the body's locals; gc for any cycle) and every rank is past its collectives
+        # before the group is destroyed.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def _ranks_body(rank, out):
+    torch.set_num_threads(1)
+    x_all = _data()
+    off = sum(SIZES[:rank])
+    x = x_all[off : off + SIZES[rank]]
+    res = {}
+
+    # all_gather_batch: forward is the concatenation in rank order; backward sums over ranks.
+    xr = x.clone().requires_grad_(True)
+    full = all_gather_batch(xr)
+    res["gathered"] = full.detach()
+    w = torch.linspace(-1, 1, full.numel()).reshape(full.shape)
+    (full * w).square().sum().backward()
+    res["gather_grad"] = xr.grad
+
+    # Guidance(gather=True) on a DDP-wrapped target: the loss covers the global batch and the
+    # averaged parameter gradients are those of the single-process loss on the whole batch.
+    target, guide = _models()
+    ddp = nn.parallel.DistributedDataParallel(target)
+    gd = fg.Guidance(ddp, guide, layers={"module.0": "0", "module.2": "2"}, gather=True)
+    y = ddp(x)
+    loss = gd.loss(x)
+    # DDP waits for a gradient of every parameter the output depends on: a zero task term stands
+    # in for the task loss so that the last (unhooked) layer gets one.
+    (loss + 0.0 * y.sum()).backward()
+    res["loss"] = loss.detach()
+    res["cka"] = gd.last_cka
+    res["grads"] = [p.grad.clone() for p in target.parameters()]
+    step = gd.step
+
+    # A guide fed a different batch than the target raises on every rank, after one small exchange
+    # of batch sizes and before any activation is gathered; the failed call changes no state.
+    ddp(x)
+    try:
+        gd.loss(x[:-1])
+    except ValueError as e:
+        res["mismatch"] = str(e)
+    res["step_unchanged"] = gd.step == step and gd.last_cka is res["cka"]
+    # The captures are still there: the corrected call succeeds, with the same global-batch loss.
+    res["retry"] = gd.loss(x).detach()
+    gd.close()
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_two_ranks_gather_and_guidance(tmp_path):
@@ -117,6 +135,11 @@ def test_two_ranks_gather_and_guidance(tmp_path):
         # Each rank's rows get the gradient summed over the two ranks' identical losses.
         torch.testing.assert_close(res["gather_grad"], 2 * ref_gather_grad[off : off + SIZES[r]])
         assert "batch-size mismatch" in res["mismatch"] and "guide layer '0'" in res["mismatch"]
+        assert (
+            "rank 0: target 6, guide 5" in res["mismatch"] and "rank 1: target 10, guide 9" in res["mismatch"]
+        )
+        assert res["step_unchanged"]
+        torch.testing.assert_close(res["retry"], ref_loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res["loss"], ref_loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(res["cka"], ref_cka, rtol=1e-5, atol=1e-6)
         assert sum(g is not None for g in ref_grads) == 4  # the two hooked Linear layers

@@ -165,7 +165,7 @@ def test_guide_activations_not_retained(pair):
         # Before backward: guide activations are gone, only their LayerStats were used.
         assert all(r() is None for r in refs)
         loss.backward()
-        assert g._t_acts == {} and g._g_stats == {}
+        assert g._t_acts == {} and g._call is None
     for h in probe:
         h.remove()
 

@@ -8,30 +8,17 @@ import os
 import torch
 from torch import nn
 
-from ..guidance import AUTO_TYPES, first_tensor
+from .._capture import Capture
+from .._mapping import auto_candidates
+from ..functional import cka_matrix
 
 
 def layer_activations(model: nn.Module, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
     """Outputs of the modules ``layers="auto"`` selects, in execution order, the last (logits) dropped."""
-    acts: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, AUTO_TYPES):
-
-            def hook(mod, inp, out, name=name):
-                t = first_tensor(out)
-                if t is not None and name not in acts:
-                    acts[name] = t.detach()
-
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    names = list(acts)[:-1]
-    return names, [acts[n] for n in names]
+    with Capture(model, auto_candidates(model), detach=True, keep="first") as cap, torch.no_grad():
+        model(x)
+    names = [n for n in cap.order if n in cap.outputs][:-1]
+    return names, [cap.outputs[n] for n in names]
 
 
 def _models_and_data(a: str, b: str, n: int, seed: int):
@@ -76,8 +63,6 @@ def run_heatmap(
     device: str = "cpu",
     out: str = "./fastguide-heatmap",
 ) -> dict:
-    import fastguide
-
     ma, mb, x, y, loss_fn, batches = _models_and_data(a, b, n, seed)
     dev = torch.device(device)
     ma, mb = ma.to(dev), mb.to(dev)
@@ -96,7 +81,7 @@ def run_heatmap(
     x = x.to(dev)
     na, xa = layer_activations(ma, x)
     nb, xb = layer_activations(mb, x)
-    mat = fastguide.cka_matrix(xa, xb, estimator=estimator, kernel=kernel).detach().cpu()
+    mat = cka_matrix(xa, xb, estimator=estimator, kernel=kernel).detach().cpu()
     os.makedirs(out, exist_ok=True)
     result = dict(
         model_a=a,
