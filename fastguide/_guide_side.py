@@ -12,9 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._mapping import batch_first, first_tensor
-
-# Private helpers of the ops, in one block (their home modules are being restructured).
-from ._validate import as_examples
+from ._validate import GROUP_TOKENS, as_examples
 from .distributed import all_gather_batch, gather_ints
 from .functional import layer_stats
 
@@ -49,9 +47,20 @@ def as_args(x: Any) -> tuple[tuple, dict]:
 class _GuideCall:
     """Per-call context of one ``loss()``: what the guide hooks of this Guidance fill in on this thread."""
 
-    __slots__ = ("thread", "names", "stats", "batch", "n_target", "sizes", "mask", "device")
+    __slots__ = (
+        "thread",
+        "names",
+        "stats",
+        "batch",
+        "n_target",
+        "sizes",
+        "mask",
+        "device",
+        "keep_examples",
+        "widths",
+    )
 
-    def __init__(self, names, n_target, mask, device):
+    def __init__(self, names, n_target, mask, device, keep_examples=False):
         # Compiled code runs on the thread that traced it; the thread check is eager-only.
         self.thread = None if torch.compiler.is_compiling() else threading.get_ident()
         self.names = names
@@ -61,6 +70,9 @@ class _GuideCall:
         self.sizes: list[int] | None = None
         self.mask = mask  # (token indices, (B, T)) with a mask, else None
         self.device = device
+        # All-reduce route (gather=True): keep this rank's activations, neither gathered nor reduced.
+        self.keep_examples = keep_examples
+        self.widths: dict[str, int] = {}  # per-example feature sizes, recorded before a gather
 
 
 class GuideMixin:
@@ -88,10 +100,24 @@ class GuideMixin:
         tokens = self.tokens
         if call.mask is not None:
             t, tokens = _masked(t, *call.mask, f"guide layer {name!r}"), "flatten"
+        if call.keep_examples:
+            call.batch[name] = t.shape[0]
+            call.stats[name] = t.detach().clone()  # a copy: later in-place ops of the guide cannot change it
+            return
         if call.n_target is not None:  # gathering: agree on every rank's sizes before any activation moves
+            if tokens not in GROUP_TOKENS:
+                call.widths[name] = as_examples(t, tokens, f"guide layer {name!r}").shape[1]
             t = self._gather_guide(name, t, call)
         call.batch[name] = t.shape[0]
         compiling = torch.compiler.is_compiling()
+        if tokens in GROUP_TOKENS:
+            # Grouped modes: per-group Gram statistics (compiled code keeps the activation, as below).
+            call.stats[name] = (
+                t.detach().clone()
+                if compiling
+                else layer_stats(t, estimator=self.estimator, tokens=tokens, backend=self.backend)
+            )
+            return
         if compiling or (self.kernel == "linear" and self.route != "gram"):
             y2 = as_examples(t, tokens, f"guide layer {name!r}")
             # Compiled code keeps the examples and forms the Gram inside the loss's custom op: the Gram
@@ -135,10 +161,12 @@ class GuideMixin:
 
     # ------------------------------------------------------------------ guide
 
-    def _run_guide(self, g_in: Any, names, n_target: int | None, mask, device: torch.device) -> _GuideCall:
+    def _run_guide(
+        self, g_in: Any, names, n_target: int | None, mask, device: torch.device, keep_examples: bool = False
+    ) -> _GuideCall:
         """One frozen guide forward on ``g_in``; returns the call with the statistics of ``names``."""
         self._check_guide_frozen()
-        call = _GuideCall(set(names), n_target, mask, device)
+        call = _GuideCall(set(names), n_target, mask, device, keep_examples)
         g_args, g_kwargs = as_args(self._to_guide(g_in))
         self._call = call
         try:

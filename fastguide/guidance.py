@@ -23,14 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._allreduce_cka import allreduce_feature_cka, choose_global_route
 from ._capture import Capture, HookSet
 from ._guide_side import GuideMixin, _GuideCall, _masked, _model_device, as_args
 from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, first_tensor, resolve_name
 from ._schedule import ScheduleMixin, _count_loss_call, eager_only, prepare_eager_only
 from ._target_side import TargetMixin
+from ._validate import as_examples
 from ._validate import check_options as _check_options
-from .distributed import all_gather_batch, is_distributed
-from .functional import LayerStats, cka_pairs
+from .distributed import all_gather_batch, gather_ints, is_distributed
+from .functional import cka_pairs
 
 # align and AlignHistory live in fastguide/align.py; __getattr__ below keeps them importable from here.
 __all__ = ["Guidance", "AUTO_TYPES", "auto_pairs", "first_tensor"]
@@ -93,6 +95,12 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
             *global* activation, and the Grams of the global batch on every rank. The sizes are agreed
             before any activation is gathered, so a batch-size mismatch raises on every rank and leaves
             no collective or gathered graph behind. A no-op without a process group of two or more ranks.
+            After the first gathered step, layers narrow enough (linear kernel, ``tokens`` other than
+            ``"positions"``) switch to the exact all-reduce route
+            (:func:`fastguide._allreduce_cka.allreduce_feature_cka`: X^T Y, X^T X, X^T 1 summed over ranks,
+            no activation gathered) when it sends fewer bytes (docs/distributed.md); every rank agrees
+            on the choice in one small collective. ``tokens="structure"`` exchanges nothing: each
+            sample's structure CKA needs only its own tokens.
         process_group: the group to gather over with ``gather=True`` (default: the world).
 
     A step is: run ``target(x)``, then ``guidance.loss(x)``. Under ``torch.no_grad()`` /
@@ -265,6 +273,8 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         self._e_acts: dict[str, tuple[torch.Tensor, int | None, int]] = {}  # no_grad / inference_mode
         self._call: _GuideCall | None = None
         self._warned: set[str] = set()
+        # gather=True: "allreduce" or "gather", decided after the first gathered step (None until then).
+        self._route_choice: str | None = None
 
     # ------------------------------------------------------------------ mapping and hooks
 
@@ -458,18 +468,29 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
             idx = (mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
             xs = [_masked(x, *idx, f"target layer {n!r}") for x, n in zip(xs, t_names, strict=True)]
             tokens = "flatten"
-        gathering = self.gather and is_distributed(self.process_group)
+        # gather=True under torch.distributed: "gather" the activations, or "allreduce" cross products
+        # (decided once, after the first gathered step), or "local" (per-sample structure CKA).
+        route = self._global_route(tokens) if self.gather and is_distributed(self.process_group) else None
         n_local = None
-        if gathering:
+        if route == "gather":
             local = {x.shape[0] for x in xs}
             if len(local) != 1:
                 raise ValueError(f"target layers have different batch sizes {sorted(local)}; cannot gather")
             n_local = xs[0].shape[0]
-        call = self._run_guide(g_in, g_names, n_local, idx, xs[0].device)
+        call = self._run_guide(g_in, g_names, n_local, idx, xs[0].device, keep_examples=route == "allreduce")
         missing = [n for n in g_names if n not in call.stats]
         if missing:
             raise RuntimeError(f"guide module(s) {missing} did not fire during the guide forward")
-        if gathering:
+        if route == "allreduce":
+            dev = xs[0].device
+            ys = [call.stats[n].to(dev) for n in g_names]
+            ckas = allreduce_feature_cka(
+                xs, ys, pair_idx, estimator=self.estimator, tokens=tokens, group=self.process_group
+            )
+            return self._weighted(ckas), ckas
+        if route == "gather":
+            if self._route_choice is None and not torch.compiler.is_compiling():
+                self._route_choice = self._choose_route(xs, g_names, pair_idx, tokens, call)
             xs = [all_gather_batch(x, self.process_group, call.sizes) for x in xs]
         for i, j in pair_idx:
             n_t, n_g = xs[i].shape[0], call.batch[g_names[j]]
@@ -484,7 +505,7 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         # each: a call with any precomputed Gram statistics runs on the Gram route.
         groups: dict[bool, list[int]] = {}
         for p, (_, j) in enumerate(pair_idx):
-            groups.setdefault(not isinstance(ys[j], LayerStats), []).append(p)
+            groups.setdefault(isinstance(ys[j], torch.Tensor), []).append(p)
         parts, order = [], []
         for feats, ps in groups.items():
             parts.append(
@@ -504,10 +525,39 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         ckas = parts[0] if len(parts) == 1 else torch.cat(parts)
         if order != sorted(order):
             ckas = ckas[torch.tensor(order, device=ckas.device).argsort()]
+        return self._weighted(ckas), ckas
+
+    def _weighted(self, ckas: torch.Tensor) -> torch.Tensor:
         per_pair = 1.0 - ckas
         value = per_pair.sum() if self.reduction == "sum" else per_pair.mean()
         w = self._now_weight
-        return value * (w.to(value.dtype) if isinstance(w, torch.Tensor) else w), ckas
+        return value * (w.to(value.dtype) if isinstance(w, torch.Tensor) else w)
+
+    def _global_route(self, tokens: str) -> str:
+        if tokens == "structure":
+            return "local"  # per-sample CKAs need no other rank's examples
+        return self._route_choice or "gather"
+
+    def _choose_route(self, xs, g_names, pair_idx, tokens: str, call) -> str:
+        """All-reduced cross products or gathered activations, by bytes on the wire (the same on every
+        rank: decided from the agreed batch sizes, then agreed in one small collective)."""
+        if tokens in ("positions",) or len(call.widths) != len(g_names):
+            return "gather"
+        views = [as_examples(x, tokens, "target layer") for x in xs]
+        per_row = views[0].shape[0] // max(xs[0].shape[0], 1)
+        world = len(call.sizes)
+        mine = choose_global_route(
+            [v.shape[1] for v in views],
+            [call.widths[n] for n in g_names],
+            pair_idx,
+            max(call.sizes) * per_row,
+            world,
+            self.estimator,
+            self.kernel,
+            tokens,
+        )
+        votes = gather_ints([int(mine == "allreduce")], xs[0].device, self.process_group)
+        return "allreduce" if all(v[0] == 1 for v in votes) else "gather"
 
     # ------------------------------------------------------------------ lifetime
 
