@@ -128,8 +128,56 @@ def test_degenerate_layers():
     rng = np.random.default_rng(2)
     y = rng.standard_normal((9, 4))
     const32 = np.full((9, 3), 3333.33, dtype=np.float32)
-    ulp = np.float32(1e4) * np.finfo(np.float32).eps
-    jitter32 = (np.float32(1e4) + ulp * rng.integers(0, 2, (9, 3))).astype(np.float32)
+    jitter32 = (
+        np.float32(1e4) + np.float32(1e4) * np.finfo(np.float32).eps * rng.integers(0, 2, (9, 3))
+    ).astype(np.float32)
+    for x, dt in ((np.zeros((9, 3)), torch.float64), (const32, torch.float32), (jitter32, torch.float32)):
+        xt = torch.from_numpy(x).to(dt)
+        assert R.is_degenerate(xt) and O.degenerate(x, torch.finfo(dt).eps)
+        for est in ESTIMATORS:
+            for kernel, sigma in KERNELS:
+                assert float(R.cka(xt, torch.from_numpy(y), est, kernel, sigma)) == 0.0
+                assert O.cka(x, y, est, kernel, sigma, eps_x=torch.finfo(dt).eps) == 0.0
+    # a +1e6 offset over unit spread is legitimate data in fp32 (DESIGN.md section 3)
+    x = (1e6 + rng.standard_normal((9, 3))).astype(np.float32)
+    assert not R.is_degenerate(torch.from_numpy(x)) and not O.degenerate(x, np.finfo(np.float32).eps)
+
+
+def test_median_heuristic_is_numpys():
+    """Kornblith et al.'s code: np.median over the full n x n squared-distance matrix."""
+    for n in (4, 5, 10, 11):
+        x = np.random.default_rng(n).standard_normal((n, 3))
+        D = O.sq_distances(x)
+        assert abs(float(R.median_sq_distance(torch.from_numpy(D))) - float(np.median(D))) < 1e-14
+        assert abs(float(R.rbf_sigma(torch.from_numpy(x))) - O.median_sigma(x)) < 1e-12
+    # even n^2: the mean of the two middle values, not torch.median's lower one
+    x = np.random.default_rng(0).standard_normal((6, 2))
+    D = torch.from_numpy(O.sq_distances(x))
+    assert float(R.median_sq_distance(D)) > float(D.median())
+
+
+@pytest.mark.parametrize("kernel,sigma", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_layer_oracle(estimator, kernel, sigma):
+    x, y = _pair(11, seed=5)
+    a = R.layer_oracle(torch.from_numpy(x), estimator, kernel, sigma)
+    b = R.layer_oracle(torch.from_numpy(y), estimator, kernel, sigma)
+    n = 11
+    N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
+    assert a.ok and b.ok
+    assert torch.allclose(a.C, a.C.T, atol=1e-15)
+    assert a.C.sum(1).abs().max() < 1e-12  # both centrings have zero row sums
+    if estimator == "unbiased":
+        assert not a.C.diagonal().any()
+    else:
+        assert abs(float(a.C.trace()) - n) < 1e-12  # C = HKH / s with s = tr(HKH) / n
+    K = O.kernel_for_hsic(x, kernel, sigma)
+    hk = O.hsic(K, K, estimator)[0]
+    assert abs(float(a.h) - hk / float(a.s) ** 2) < 1e-12 * float(a.h)
+    assert (
+        abs(float((a.C * b.C).sum() / N / (a.h.sqrt() * b.h.sqrt())) - O.cka(x, y, estimator, kernel, sigma))
+        < 1e-12
+    )
     if kernel == "rbf":
         want = O.median_sigma(x) if sigma is None else sigma
         assert abs(float(a.sigma) - want) < 1e-12
