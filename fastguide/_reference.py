@@ -5,8 +5,9 @@ direct, well-conditioned routes, without the fp32 tricks of the fast paths:
 
 * features are column-centred before any product (both HSICs are invariant to per-column shifts);
 * squared distances come from explicit differences (``torch.cdist`` without the Gram trick);
-* the RBF kernel enters the HSICs as ``K - 1 = expm1(-D / (2 sigma^2))``: both estimators ignore a
-  constant added to K, and ``exp`` close to 1 would lose every digit of a wide kernel before centring;
+* the RBF kernel enters the HSICs as ``K - 1 = expm1(-D / (2 sigma^2))`` when it is wide: both
+  estimators ignore a constant added to K, and ``exp`` close to 1 would lose every digit of a wide
+  kernel before centring (a narrow kernel keeps ``exp``, :func:`rbf_hsic_gram`);
 * unbiased HSIC is ``<U(K), U(L)> / (n (n - 3))`` with the explicit Szekely-Rizzo U-centring. The
   Song et al. 2012 closed form (:func:`hsic_unbiased_closed_form`) cancels catastrophically on
   near-constant kernels even in float64 (CKA 0.02319 against 0.022548 on a wide RBF kernel), so it is
@@ -76,16 +77,32 @@ def rbf_sigma(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     return m.sqrt() if m > 0 else torch.ones((), dtype=torch.float64)
 
 
+def _rbf_exponent(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    sig = rbf_sigma(x, sigma)
+    return -squared_distances(x) / (2 * sig * sig)
+
+
 def rbf_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     """``exp(-||xi - xj||^2 / (2 sigma^2))``; ``sigma=None``: the median heuristic (:func:`rbf_sigma`)."""
-    return rbf_gram_minus_one(x, sigma) + 1.0
+    return torch.exp(_rbf_exponent(x, sigma))
 
 
 def rbf_gram_minus_one(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     """``K - 1 = expm1(-D / (2 sigma^2))``: the RBF Gram without the constant both HSICs ignore."""
-    D = squared_distances(x)
-    sig = rbf_sigma(x, sigma)
-    return torch.expm1(-D / (2 * sig * sig))
+    return torch.expm1(_rbf_exponent(x, sigma))
+
+
+def rbf_hsic_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """The RBF Gram in the form that keeps its digits: ``K - 1`` when K is near 1, else ``K``.
+
+    Both HSICs ignore a constant added to K. A wide kernel (entries near 1) keeps its information in
+    ``expm1``; a narrow one (off-diagonal entries near 0) in ``exp`` itself, where ``K - 1`` would
+    round them away.
+    """
+    A = _rbf_exponent(x, sigma)
+    n = A.shape[0]
+    mean_off = (torch.exp(A.detach()).sum() - n) / (n * (n - 1))
+    return torch.expm1(A) if mean_off > 0.5 else torch.exp(A)
 
 
 def centering_matrix(n: int) -> torch.Tensor:
@@ -179,8 +196,8 @@ def gram(x: torch.Tensor, kernel: str = "linear", sigma: float | None = None) ->
 
 
 def hsic_gram(x: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> torch.Tensor:
-    """The Gram the HSICs are computed from: :func:`linear_gram`, or the RBF Gram minus 1."""
-    return linear_gram(x) if kernel == "linear" else rbf_gram_minus_one(x, sigma)
+    """The Gram the HSICs are computed from: :func:`linear_gram`, or :func:`rbf_hsic_gram`."""
+    return linear_gram(x) if kernel == "linear" else rbf_hsic_gram(x, sigma)
 
 
 def centered_gram(x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +252,7 @@ def layer_oracle(
     one = torch.ones((), dtype=torch.float64)
     degenerate = is_degenerate(x)
     sig = one if kernel == "linear" or degenerate else rbf_sigma(x, sigma)
-    K = linear_gram(x) if kernel == "linear" else rbf_gram_minus_one(x, float(sig))
+    K = linear_gram(x) if kernel == "linear" else rbf_hsic_gram(x, float(sig))
     Cu = center(K, estimator)
     t = torch.trace(h_center(K))
     ok = not degenerate and bool(t > 0)

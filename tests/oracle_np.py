@@ -11,7 +11,7 @@
 
 Two facts of the math (not of any implementation) keep this oracle well conditioned: both HSICs
 ignore a per-column shift of the features and a constant added to the kernel, so features are
-centred first and the RBF kernel is used as ``K - 1 = expm1(...)``. A self-HSIC that is zero to the
+centred first and a wide RBF kernel is used as ``K - 1 = expm1(...)``. A self-HSIC that is zero to the
 rounding of its own evaluation is taken as exactly 0 (the layer is degenerate).
 
 Inputs are numpy arrays of the rounded values (float64 or float32); ``eps`` is the machine epsilon
@@ -55,14 +55,22 @@ def median_sigma(x) -> float:
     return math.sqrt(m) if m > 0 else 1.0
 
 
-def rbf_kernel_minus_one(x, sigma: float) -> np.ndarray:
-    return np.expm1(-sq_distances(x) / (2.0 * sigma * sigma))
+def rbf_kernel_shifted(x, sigma: float) -> np.ndarray:
+    """The RBF kernel up to a constant: ``expm1(...) = K - 1`` when K is wide (near 1), else K.
+
+    ``K - 1`` keeps the digits of a wide kernel, K those of a narrow one (off-diagonal near 0).
+    """
+    A = -sq_distances(x) / (2.0 * sigma * sigma)
+    K = np.exp(A)
+    n = K.shape[0]
+    wide = (K.sum() - np.trace(K)) / (n * (n - 1)) > 0.5
+    return np.expm1(A) if wide else K
 
 
 def kernel_for_hsic(x, kernel: str, sigma: float | None) -> np.ndarray:
     if kernel == "linear":
         return linear_kernel(x)
-    return rbf_kernel_minus_one(x, median_sigma(x) if sigma is None else sigma)
+    return rbf_kernel_shifted(x, median_sigma(x) if sigma is None else sigma)
 
 
 def hsic_biased(K: np.ndarray, L: np.ndarray) -> tuple[float, float]:

@@ -209,3 +209,14 @@ def test_reference_gradients(estimator, kernel, sigma):
     x = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randn(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: R.cka(a, b, estimator, kernel, sigma), (x, y))
+
+
+@pytest.mark.parametrize("width", [0.3, 0.1, 0.03])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_narrow_rbf_kernel(estimator, width):
+    """Narrow kernels (off-diagonal entries down to 1e-100) keep their digits in exp itself, not K - 1."""
+    x, y = _pair(12, d=(64, 48), seed=2)
+    spread = float(np.sqrt(((x - x.mean(0)) ** 2).sum() / 12))
+    sigma = width * spread
+    want = O.cka(x, y, estimator, "rbf", sigma)
+    assert abs(_ref(x, y, estimator, "rbf", sigma) - want) < 1e-10, want
