@@ -311,3 +311,82 @@ def test_half_offset_not_degenerate(dtype, offset):
     """Candidate contract (open, phase 2): a layer whose rounded values still carry signal is not 0."""
     got, exact = _half_offset_cka(dtype, offset)
     assert abs(got - exact) <= CKA_ATOL[dtype], f"CKA {got:.4g}, rounded data {exact:.4g}"
+
+
+# --------------------------------------------------------------------------- found by the property suite
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by tests/test_properties.py: the feature route's unbiased HSIC (||X'Y||^2 - a'b + ...) "
+    "cancels in fp32 when U(K) is small against K (n = 4, a duplicated row: error 3.4e-4)",
+)
+def test_feature_route_unbiased_cancellation():
+    x = torch.tensor([[0.5519, -0.4566], [1.2965, 0.3463], [-3.3221, 2.9002], [0.5519, -0.4566]])
+    y = torch.tensor([[4.1896], [-2.6119], [1.1906], [-1.5960]])
+    want = R.cka(x, y)
+    assert_close_verbose(fg.cka(x, y, route="gram"), want, CKA_ATOL[torch.float32], "gram route")
+    assert_close_verbose(fg.cka(x, y, route="feature"), want, CKA_ATOL[torch.float32], "feature route")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by tests/test_properties.py (issue 14 item 2's cause): at n = 4, two equal rows of four "
+    "give U(K) = 0 exactly; CKA 3.9e-8 and a gradient of norm 1.1e7 instead of 0 and 0",
+)
+def test_u_centred_gram_zero_at_n4():
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.2833], [2.1881, 0.0], [0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([[4.1896], [-2.6119], [1.1906], [-1.5960]])
+    assert float(R.cka(x.detach(), y)) == 0.0
+    c = fg.cka(x, y, route="gram")
+    c.backward()
+    assert float(c.detach()) == 0.0 and not x.grad.any(), (
+        f"CKA {float(c.detach()):.3g}, |grad| {float(x.grad.norm()):.3g}"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by tests/test_properties.py: a median of 0 (more than half the squared distances 0) "
+    "falls back to sigma = 1, not scale invariant (biased CKA 0.0993, 0.0992, 0.1046 at scales 1e-2, 1, 1e2)",
+)
+def test_median_fallback_scale_invariant():
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(13, 1, generator=g, dtype=torch.float64) - 0.8)  # most rows 0
+    y = torch.randn(13, 1, generator=g, dtype=torch.float64)
+    assert float(R.median_sq_distance(R.squared_distances(x))) == 0.0
+    vals = [float(fg.cka(x * c, y, kernel="rbf", estimator="biased")) for c in (1e-2, 1.0, 1e2)]
+    assert max(vals) - min(vals) <= 1e-10, f"CKA at scales 1e-2, 1, 1e2: {vals}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by tests/test_properties.py: narrow RBF kernels (sigma = 0.1 x spread) underflow in fp32; "
+    "unbiased CKA 0 instead of -0.029",
+)
+def test_narrow_rbf_fp32():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 256, generator=g)
+    y = torch.randn(32, 3, generator=g) + x[:, :1]
+    sigma = 0.1 * _spread(x)
+    got = fg.cka(x, y, kernel="rbf", sigma=sigma)
+    assert_close_verbose(
+        got, R.cka(x.double(), y.double(), "unbiased", "rbf", sigma), CKA_ATOL[torch.float32], "narrow"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by tests/test_properties.py: CKALoss keeps its weights as a float32 buffer, so fp64 losses "
+    "carry the weights' fp32 rounding (6e-8 relative)",
+)
+def test_loss_weights_keep_fp64():
+    x, y = _pair(dtype=torch.float64)
+    w = [0.1, 1.0 / 3.0]
+    loss = fg.CKALoss([(0, 0), (0, 0)], w, reduction="mean")([x], [y])
+    c = fg.cka(x, y)
+    want = (0.1 * (1 - c) + (1 / 3) * (1 - c)) / (0.1 + 1 / 3)
+    assert abs(float(loss) - float(want)) <= 1e-14, f"{float(loss)!r} vs {float(want)!r}"
