@@ -409,3 +409,29 @@ def test_gradient_near_vanishing_u_centred_gram(backend):
     fg.cka_matrix([x], [y], backend=backend, route="gram").sum().backward()
     (want,) = _ref_grads([x], [y], [(0, 0)])
     assert_grad_close(x.grad, want, GRAD_RTOL[torch.float32], "near-vanishing U(K_y)")
+
+
+def half_precision_table() -> str:
+    """The measurements behind item 10 (``python tests/test_issue14_regressions.py``)."""
+    lines = ["fp16/bf16 gradients of CKA(x, y), n = 64, d = 32, x scaled (float64 autograd reference):"]
+    lines.append(
+        f"{'scale':>8}  {'fp16 error':>10}  {'fp16 zeros':>10}  {'bf16 error':>10}  {'bf16 zeros':>10}"
+    )
+    for scale in (1.0, 1e1, 1e2, 1e3, 3e3, 1e4):
+        e16, z16 = _half_grad_error(torch.float16, scale)
+        eb, zb = _half_grad_error(torch.bfloat16, scale)
+        lines.append(f"{scale:8.0e}  {e16:10.2e}  {z16:10.2%}  {eb:10.2e}  {zb:10.2%}")
+    lines.append("")
+    lines.append(
+        "layers offset by k x their per-column spread: fastguide's CKA vs that of the rounded values"
+    )
+    lines.append(f"{'k':>6}  {'bf16 CKA':>9}  {'rounded':>8}  {'fp16 CKA':>9}  {'rounded':>8}")
+    for k in (8, 16, 32, 64, 128, 256, 512, 1024, 2048):
+        gb, xb = _half_offset_cka(torch.bfloat16, k)
+        g16, x16 = _half_offset_cka(torch.float16, k)
+        lines.append(f"{k:6d}  {gb:9.4f}  {xb:8.4f}  {g16:9.4f}  {x16:8.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(half_precision_table())

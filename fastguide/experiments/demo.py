@@ -232,6 +232,8 @@ def run_job(job: dict) -> dict:
 
     torch.set_num_threads(job.get("threads", 1))
     if job.get("reproducible") and job.get("device", "cpu") == "cpu":
+        # oneDNN's convolutions move to ATen + MKL GEMMs, which MKL_CBWR pins (reproducibility.py)
+        torch.backends.mkldnn.enabled = False
         torch.use_deterministic_algorithms(True)
     task = TaskConfig(**job["task"])
     arm, seed = job["arm"], job["seed"]
@@ -505,9 +507,10 @@ def run_demo(
 
     ``steps`` scales every task's step count (and eval interval) to the given number for the first
     task, proportionally for the others. ``reproducible`` (CPU): every job runs single-threaded in a
-    spawned worker with :data:`REPRODUCIBLE_CPU_ENV` and deterministic algorithms, so a seed gives the
-    same numbers on any AVX2 processor and with any number of workers; ``False`` runs the libraries'
-    native code paths (and, with one worker, all threads in this process).
+    spawned worker with :data:`REPRODUCIBLE_CPU_ENV`, oneDNN off and deterministic algorithms, so a
+    seed gives the same numbers whatever code paths the processor's instruction set would select
+    (docs/reproducibility.md says how far that was verified) and with any number of workers;
+    ``False`` runs the libraries' native code paths (and, with one worker, all threads here).
     """
     t_start = time.perf_counter()
     task_cfgs = default_tasks(quick=quick, full=full)
@@ -571,7 +574,7 @@ def run_demo(
         ctx = mp.get_context("spawn")
         with environment(REPRODUCIBLE_CPU_ENV if repro else {}) as env:
             if repro:
-                settings = dict(env, deterministic_algorithms=True, threads_per_job=1)
+                settings = dict(env, deterministic_algorithms=True, mkldnn=False, threads_per_job=1)
             with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(1,)) as pool:
                 for r in pool.imap_unordered(run_job, jobs):
                     done(r)

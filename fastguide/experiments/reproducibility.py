@@ -13,12 +13,13 @@ import os
 
 __all__ = ["REPRODUCIBLE_CPU_ENV", "environment"]
 
-#: Library settings that make a CPU job's results independent of the processor generation, for any
-#: x86 processor with AVX2 (Intel or AMD): MKL's conditional numerical reproducibility (GEMMs),
-#: ATen's vectorised kernels (BatchNorm, cross-entropy backward, Adam, ...), oneDNN (convolutions)
-#: and SciPy's OpenBLAS (CKA Grams) pinned to their AVX2 code paths. They must be in a process's
-#: environment before those libraries first run, so CPU jobs run in spawned workers that inherit
-#: them; settings the user already made win. Measurements: docs/reproducibility.md.
+#: Library settings that pin a CPU job's kernels to one code path on any x86 processor with AVX2:
+#: MKL's conditional numerical reproducibility (GEMMs; Intel documents it for Intel processors, other
+#: vendors may get its AUTO branch), ATen's vectorised kernels (BatchNorm, cross-entropy backward,
+#: Adam, ...), oneDNN (off in the jobs anyway) and SciPy's OpenBLAS (CKA Grams) on AVX2. They must be
+#: in a process's environment before those libraries first run, so CPU jobs run in spawned workers
+#: that inherit them; settings the user already made win (e.g. MKL_CBWR=COMPATIBLE, vendor
+#: independent and about 2x slower on the copy task). Measurements: docs/reproducibility.md.
 REPRODUCIBLE_CPU_ENV = {
     "MKL_CBWR": "AVX2,STRICT",
     "ATEN_CPU_CAPABILITY": "avx2",
