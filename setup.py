@@ -21,7 +21,7 @@ setup(
     install_requires=["torch>=2.4", "triton", "numpy", "scipy", "threadpoolctl"],
     extras_require={
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib", "tqdm"],
         "peers": ["pytorch-cka", "ckatorch"],
         "dev": ["ruff"],
     },
