@@ -28,8 +28,8 @@ _COMMON = dict(
     ],
 )
 
-settings.register_profile("ci", max_examples=20, derandomize=True, database=None, **_COMMON)
-settings.register_profile("long", max_examples=800, derandomize=False, **_COMMON)
+settings.register_profile("ci", max_examples=50, derandomize=True, database=None, **_COMMON)
+settings.register_profile("long", max_examples=2000, derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
