@@ -17,6 +17,9 @@ import torch
 
 from fastguide.experiments.reproducibility import REPRODUCIBLE_CPU_ENV
 
+# fresh processes that import torch and train: ~10 s each on 2 cores
+pytestmark = pytest.mark.slow
+
 _DEMO = """
 import json, sys
 from fastguide.experiments import demo
