@@ -10,8 +10,8 @@ direct, well-conditioned routes, without the fp32 tricks of the fast paths:
   kernel before centring (a narrow kernel keeps ``exp``, :func:`rbf_hsic_gram`);
 * unbiased HSIC is ``<U(K), U(L)> / (n (n - 3))`` with the explicit Szekely-Rizzo U-centring. The
   Song et al. 2012 closed form (:func:`hsic_unbiased_closed_form`) cancels catastrophically on
-  near-constant kernels even in float64 (CKA 0.02319 against 0.022548 on a wide RBF kernel), so it is
-  kept only as a cross-check, with :func:`closed_form_condition` saying where it is trustworthy;
+  near-constant kernels even in float64 (a wide RBF kernel: issue 14 item 9), so it is kept only as a
+  cross-check, with :func:`closed_form_condition` saying where it is trustworthy;
 * the median heuristic follows Kornblith et al.'s code (``np.median`` of the full n x n matrix of
   squared distances: the mean of the two middle values when n^2 is even).
 
