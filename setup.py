@@ -26,6 +26,7 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            "hypothesis",
             "scikit-learn",
             "matplotlib",
             "tqdm",

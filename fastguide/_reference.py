@@ -1,13 +1,34 @@
 """Readable float64 oracle of every quantity fastguide computes. Clarity over speed.
 
-Tests and benchmarks compare against these functions. Everything is evaluated in float64 with the
-textbook formulas (explicit centring matrix H, the Song et al. 2012 closed form of unbiased HSIC),
-without the fp32 tricks of the fast paths.
+Tests and benchmarks compare against these functions. Everything is evaluated in float64 by the
+direct, well-conditioned routes, without the fp32 tricks of the fast paths:
+
+* features are column-centred before any product (both HSICs are invariant to per-column shifts);
+* squared distances come from explicit differences (``torch.cdist`` without the Gram trick);
+* the RBF kernel enters the HSICs as ``K - 1 = expm1(-D / (2 sigma^2))`` when it is wide: both
+  estimators ignore a constant added to K, and ``exp`` close to 1 would lose every digit of a wide
+  kernel before centring (a narrow kernel keeps ``exp``, :func:`rbf_hsic_gram`);
+* unbiased HSIC is ``<U(K), U(L)> / (n (n - 3))`` with the explicit Szekely-Rizzo U-centring. The
+  Song et al. 2012 closed form (:func:`hsic_unbiased_closed_form`) cancels catastrophically on
+  near-constant kernels even in float64 (a wide RBF kernel: issue 14 item 9), so it is kept only as a
+  cross-check, with :func:`closed_form_condition` saying where it is trustworthy;
+* the median heuristic follows Kornblith et al.'s code (``np.median`` of the full n x n matrix of
+  squared distances: the mean of the two middle values when n^2 is even).
+
+The per-layer statistics of the fast paths (centred, normalised Gram ``C``, scale ``s``, self-HSIC
+``h``, ``ok``) are :func:`layer_oracle`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+#: A U-centred (or H-centred) Gram whose Frobenius norm is below this fraction of the norm of the
+#: Gram it came from is exactly zero in exact arithmetic (float64 rounding leaves ~1e-16; e.g. all
+#: examples equal but one, whose U-centred Gram is 0): its self-HSIC is 0 and the layer degenerate.
+VANISH_RTOL = 1e-12
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
@@ -26,19 +47,93 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
     return X @ X.T
 
 
-def rbf_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-    """``exp(-||xi - xj||^2 / (2 sigma^2))``; ``sigma=None``: sigma^2 = median of all n^2 sq. distances."""
+def squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """``||x_i - x_j||^2`` (n, n) from explicit differences (no ``a + b - 2 X X^T`` cancellation)."""
     X = _f64(x)
     X = X - X.mean(0)
-    sq = (X * X).sum(1)
-    D = (sq[:, None] + sq[None, :] - 2 * X @ X.T).clamp_min(0)
-    D.fill_diagonal_(0)
-    sig2 = D.detach().median() if sigma is None else torch.tensor(float(sigma) ** 2, dtype=torch.float64)
-    return torch.exp(-D / (2 * sig2))
+    return torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def median_sq_distance(D: torch.Tensor) -> torch.Tensor:
+    """``np.median(D)`` over all n^2 entries (zero diagonal included), as Kornblith et al.'s code does.
+
+    Their ``gram_rbf(x, threshold)`` sets ``sigma^2 = threshold^2 * np.median(sq_distances)`` over the
+    full matrix; ``np.median`` averages the two middle values of an even count (``torch.median``
+    would return the lower one).
+    """
+    v = D.detach().flatten().sort().values
+    m = v.numel()
+    return v[m // 2] if m % 2 else 0.5 * (v[m // 2 - 1] + v[m // 2])
+
+
+def rbf_sigma(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """The RBF bandwidth used for ``x``: ``sigma``, or ``sqrt(median_sq_distance)`` (detached).
+
+    A median of 0 (more than half the distances zero) has no scale; like fastguide, use 1.
+    """
+    if sigma is not None:
+        return torch.tensor(float(sigma), dtype=torch.float64)
+    m = median_sq_distance(squared_distances(x))
+    return m.sqrt() if m > 0 else torch.ones((), dtype=torch.float64)
+
+
+def _rbf_exponent(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    sig = rbf_sigma(x, sigma)
+    return -squared_distances(x) / (2 * sig * sig)
+
+
+def rbf_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """``exp(-||xi - xj||^2 / (2 sigma^2))``; ``sigma=None``: the median heuristic (:func:`rbf_sigma`)."""
+    return torch.exp(_rbf_exponent(x, sigma))
+
+
+def rbf_gram_minus_one(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """``K - 1 = expm1(-D / (2 sigma^2))``: the RBF Gram without the constant both HSICs ignore."""
+    return torch.expm1(_rbf_exponent(x, sigma))
+
+
+def rbf_hsic_gram(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """The RBF Gram in the form that keeps its digits: ``K - 1`` when K is near 1, else ``K``.
+
+    Both HSICs ignore a constant added to K. A wide kernel (entries near 1) keeps its information in
+    ``expm1``; a narrow one (off-diagonal entries near 0) in ``exp`` itself, where ``K - 1`` would
+    round them away.
+    """
+    A = _rbf_exponent(x, sigma)
+    n = A.shape[0]
+    mean_off = (torch.exp(A.detach()).sum() - n) / (n * (n - 1))
+    return torch.expm1(A) if mean_off > 0.5 else torch.exp(A)
 
 
 def centering_matrix(n: int) -> torch.Tensor:
     return torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+
+
+def h_center(K: torch.Tensor) -> torch.Tensor:
+    """``H K H`` with the explicit centring matrix."""
+    H = centering_matrix(K.shape[0])
+    return H @ K @ H
+
+
+def u_center(K: torch.Tensor) -> torch.Tensor:
+    """Szekely-Rizzo U-centring (zero diagonal, zero row sums); <U(K), U(L)>/(n(n-3)) = unbiased HSIC."""
+    n = K.shape[0]
+    Kt = K.clone()
+    Kt.fill_diagonal_(0)
+    r = Kt.sum(1)
+    U = Kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + Kt.sum() / ((n - 1) * (n - 2))
+    U.fill_diagonal_(0)
+    return U
+
+
+def center(K: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The centred Gram the estimator's HSIC is an inner product of: ``U(K)`` or ``H K H``."""
+    return u_center(K) if estimator == "unbiased" else h_center(K)
+
+
+def hsic_norm(n: int, estimator: str) -> float:
+    """N with HSIC = <centred K, centred L> / N: n(n-3) (unbiased) or (n-1)^2 (biased)."""
+    return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
 
 
 def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -49,11 +144,16 @@ def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 
 
 def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Song et al. 2012 / Nguyen et al. 2021 unbiased HSIC (needs n >= 4).
+    """Song et al. 2012 / Nguyen et al. 2021 unbiased HSIC (needs n >= 4), by explicit U-centring.
 
-    With K~, L~ the Grams with zeroed diagonals:
-    ``[tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
+    ``<U(K), U(L)> / (n (n - 3))``: each U-centred entry is formed before anything is summed, so no
+    O(n^2)-sized terms cancel (they do in :func:`hsic_unbiased_closed_form`).
     """
+    n = K.shape[0]
+    return (u_center(K) * u_center(L)).sum() / (n * (n - 3))
+
+
+def _song_terms(K: torch.Tensor, L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = K.shape[0]
     Kt = K.clone()
     Lt = L.clone()
@@ -62,19 +162,28 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     one = torch.ones(n, dtype=torch.float64)
     term1 = torch.trace(Kt @ Lt)
     term2 = (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-    term3 = 2.0 / (n - 2) * (one @ Kt @ Lt @ one)
-    return (term1 + term2 - term3) / (n * (n - 3))
+    term3 = -2.0 / (n - 2) * (one @ Kt @ Lt @ one)
+    return term1, term2, term3
 
 
-def u_center(K: torch.Tensor) -> torch.Tensor:
-    """Szekely-Rizzo U-centring (zero diagonal, zero row sums); <U(K), U(L)>/(n(n-3)) = hsic_unbiased."""
+def hsic_unbiased_closed_form(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """The Song et al. 2012 closed form; a cross-check only (see :func:`closed_form_condition`).
+
+    With K~, L~ the Grams with zeroed diagonals:
+    ``[tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
+    """
     n = K.shape[0]
-    Kt = K.clone()
-    Kt.fill_diagonal_(0)
-    r = Kt.sum(1)
-    U = Kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + Kt.sum() / ((n - 1) * (n - 2))
-    U.fill_diagonal_(0)
-    return U
+    return sum(_song_terms(K, L)) / (n * (n - 3))
+
+
+def closed_form_condition(K: torch.Tensor, L: torch.Tensor) -> float:
+    """``sum |terms| / |sum of terms|`` of the closed form: its relative error is about this times 1e-16.
+
+    Near-constant kernels (a wide RBF) reach 1e10 and more: three O(n^2) terms cancel to a tiny HSIC.
+    """
+    t = _song_terms(K, L)
+    den = abs(float(sum(t)))
+    return float("inf") if den == 0 else sum(abs(float(v)) for v in t) / den
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, estimator: str = "unbiased") -> torch.Tensor:
@@ -82,14 +191,22 @@ def hsic(K: torch.Tensor, L: torch.Tensor, estimator: str = "unbiased") -> torch
 
 
 def gram(x: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> torch.Tensor:
+    """The kernel matrix: centred linear Gram, or the RBF Gram ``exp(...)`` itself."""
     return linear_gram(x) if kernel == "linear" else rbf_gram(x, sigma)
 
 
+def hsic_gram(x: torch.Tensor, kernel: str = "linear", sigma: float | None = None) -> torch.Tensor:
+    """The Gram the HSICs are computed from: :func:`linear_gram`, or :func:`rbf_hsic_gram`."""
+    return linear_gram(x) if kernel == "linear" else rbf_hsic_gram(x, sigma)
+
+
 def centered_gram(x: torch.Tensor) -> torch.Tensor:
-    """``H X X^T H`` in float64 (what ``fastguide.gram(x)`` returns)."""
-    H = centering_matrix(x.shape[0])
-    X = _f64(x)
-    return H @ (X @ X.T) @ H
+    """``H X X^T H`` in float64 (what ``fastguide.gram(x)`` returns), as ``X_c X_c^T``.
+
+    Equal in exact arithmetic; centring the features first keeps offsets (e.g. +1e3) from
+    cancelling in ``H (X X^T) H`` (1.5e-10 relative in float64 at +1e3).
+    """
+    return linear_gram(x)
 
 
 def is_degenerate(x: torch.Tensor) -> bool:
@@ -100,19 +217,66 @@ def is_degenerate(x: torch.Tensor) -> bool:
     return bool(t <= (4 * eps) ** 2 * (X**2).sum())
 
 
+def vanishes(Cu: torch.Tensor, K: torch.Tensor, estimator: str = "unbiased") -> bool:
+    """The centred Gram ``Cu`` of ``K`` is zero up to float64 rounding (its self-HSIC is exactly 0)."""
+    Kt = K.detach().clone()
+    if estimator == "unbiased":
+        Kt.fill_diagonal_(0)
+    return bool(Cu.detach().norm() <= VANISH_RTOL * Kt.norm())
+
+
+class LayerOracle(NamedTuple):
+    """Float64 per-layer statistics, as the fast paths store them (DESIGN.md section 2).
+
+    ``C``: centred Gram ``U(K)`` or ``H K H`` divided by ``s``; ``s = tr(H K H) / n`` (1 for a
+    degenerate layer); ``h = <C, C> / N``; ``ok`` False for a degenerate layer; ``sigma`` the RBF
+    bandwidth (1 for the linear kernel and for a degenerate RBF layer).
+    """
+
+    C: torch.Tensor
+    s: torch.Tensor
+    h: torch.Tensor
+    ok: bool
+    sigma: torch.Tensor
+
+
+def layer_oracle(
+    x: torch.Tensor, estimator: str = "unbiased", kernel: str = "linear", sigma: float | None = None
+) -> LayerOracle:
+    """Float64 (C, s, h, ok, sigma) of one layer (n, ...), both estimators, linear or RBF kernel.
+
+    ``ok`` follows DESIGN.md section 3: False if the centred signal is below the input dtype's
+    rounding level (:func:`is_degenerate`), if ``tr(H K H) <= 0``, or if the self-HSIC is 0 (the
+    centred Gram :func:`vanishes`; C and h are then exactly 0). Differentiable in ``x`` (sigma is
+    detached), so it also serves as an autograd reference.
+    """
+    n = x.shape[0]
+    one = torch.ones((), dtype=torch.float64)
+    degenerate = is_degenerate(x)
+    sig = one if kernel == "linear" or degenerate else rbf_sigma(x, sigma)
+    K = linear_gram(x) if kernel == "linear" else rbf_hsic_gram(x, float(sig))
+    Cu = center(K, estimator)
+    t = torch.trace(h_center(K))
+    ok = not degenerate and bool(t > 0)
+    s = t / n if ok else one
+    if ok and vanishes(Cu, K, estimator):
+        Cu = torch.zeros_like(Cu)
+        ok = False
+    C = Cu / s
+    h = (C * C).sum() / hsic_norm(n, estimator)
+    return LayerOracle(C, s, h, ok and bool(h > 0), sig)
+
+
 def cka(
     x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased", kernel: str = "linear", sigma=None
 ) -> torch.Tensor:
-    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); exactly 0 if either layer is degenerate."""
-    if is_degenerate(x) or is_degenerate(y):
+    """CKA = HSIC(K, L) / (sqrt(HSIC(K, K)) sqrt(HSIC(L, L))); exactly 0 if either layer is degenerate."""
+    a = layer_oracle(x, estimator, kernel, sigma)
+    b = layer_oracle(y, estimator, kernel, sigma)
+    if not (a.ok and b.ok):
         return torch.zeros((), dtype=torch.float64)
-    K, L = gram(x, kernel, sigma), gram(y, kernel, sigma)
-    kl = hsic(K, L, estimator)
-    kk = hsic(K, K, estimator)
-    ll = hsic(L, L, estimator)
-    if kk <= 0 or ll <= 0:
-        return torch.zeros((), dtype=torch.float64)
-    return kl / (kk.sqrt() * ll.sqrt())
+    kl = (a.C * b.C).sum() / hsic_norm(x.shape[0], estimator)
+    return kl / (a.h.sqrt() * b.h.sqrt())
 
 
 def cka_matrix(xs, ys=None, estimator: str = "unbiased", kernel: str = "linear", sigma=None) -> torch.Tensor:
@@ -124,17 +288,27 @@ def cka_matrix(xs, ys=None, estimator: str = "unbiased", kernel: str = "linear",
     return out
 
 
-def minibatch_cka(batches_x, batches_y, estimator: str = "unbiased") -> torch.Tensor:
+def minibatch_cka(
+    batches_x, batches_y, estimator: str = "unbiased", kernel: str = "linear", sigma=None
+) -> torch.Tensor:
     """Nguyen et al. 2021 minibatch CKA over lists of per-batch activations (one layer each side).
 
-    Sums per-batch HSICs (each with its own 1/(n_t(n_t-3))) and divides once at the end.
+    Sums per-batch HSICs (each with its own 1/(n_t(n_t-3))) in the un-normalised scale and divides
+    once at the end; a layer degenerate in a batch contributes 0 to that batch.
     """
     xy = xx = yy = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(batches_x, batches_y, strict=False):
-        K, L = linear_gram(x), linear_gram(y)  # centred per batch: HSIC is shift-invariant
-        xy = xy + hsic(K, L, estimator)
-        xx = xx + hsic(K, K, estimator)
-        yy = yy + hsic(L, L, estimator)
+    for x, y in zip(batches_x, batches_y, strict=True):
+        a = layer_oracle(x, estimator, kernel, sigma)
+        b = layer_oracle(y, estimator, kernel, sigma)
+        N = hsic_norm(x.shape[0], estimator)
+        if a.ok:
+            xx = xx + a.h * a.s * a.s
+        if b.ok:
+            yy = yy + b.h * b.s * b.s
+        if a.ok and b.ok:
+            xy = xy + (a.C * b.C).sum() / N * a.s * b.s
+    if not (xx > 0 and yy > 0):
+        return torch.zeros((), dtype=torch.float64)
     return xy / (xx.sqrt() * yy.sqrt())
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("FASTGUIDE_SKIP_AUTOTUNE", "1")
 
 import inspect  # noqa: E402
 
+import hypothesis_profiles  # noqa: E402, F401  (hypothesis settings profiles: ci by default, long)
 import pytest  # noqa: E402
 
 

@@ -100,13 +100,18 @@ def test_cka_matrix_rectangular_and_pairs(estimator):
     assert_close_verbose(one, ref[1, 2], 1e-5, "cka")
 
 
+_MEDIAN_XFAIL = pytest.mark.xfail(
+    strict=True, reason="issue 14 item 5: torch.median's lower middle value, not np.median's mean (n=20)"
+)
+
+
+@pytest.mark.parametrize("sigma", [pytest.param(None, marks=_MEDIAN_XFAIL), 4.0], ids=["median", "sigma4"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_rbf_kernel(estimator):
+def test_rbf_kernel(estimator, sigma):
     xs = _layers(n=20)
-    for sigma in (None, 4.0):
-        got = fg.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
-        ref = R.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
-        assert_close_verbose(got, ref, 1e-5, f"rbf sigma={sigma}")
+    got = fg.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
+    ref = R.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
+    assert_close_verbose(got, ref, 1e-5, f"rbf sigma={sigma}")
 
 
 def test_gram_matches_reference():

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import cpu_name
+from .reproducibility import REPRODUCIBLE_CPU_ENV, environment
 
 ALL_ARMS = (
     "baseline",
@@ -230,6 +231,10 @@ def run_job(job: dict) -> dict:
     from ..guidance import Guidance, align
 
     torch.set_num_threads(job.get("threads", 1))
+    if job.get("reproducible") and job.get("device", "cpu") == "cpu":
+        # oneDNN's convolutions move to ATen + MKL GEMMs, which MKL_CBWR pins (reproducibility.py)
+        torch.backends.mkldnn.enabled = False
+        torch.use_deterministic_algorithms(True)
     task = TaskConfig(**job["task"])
     arm, seed = job["arm"], job["seed"]
     device = torch.device(job.get("device", "cpu"))
@@ -496,11 +501,16 @@ def run_demo(
     tasks: list[str] | None = None,
     progress: bool = True,
     verbose: bool = True,
+    reproducible: bool = True,
 ) -> dict:
     """Run the demo; write ``results.json`` and ``curves.png`` under ``out``; return the results dict.
 
     ``steps`` scales every task's step count (and eval interval) to the given number for the first
-    task, proportionally for the others.
+    task, proportionally for the others. ``reproducible`` (CPU): every job runs single-threaded in a
+    spawned worker with :data:`REPRODUCIBLE_CPU_ENV`, oneDNN off and deterministic algorithms, so a
+    seed gives the same numbers whatever code paths the processor's instruction set would select
+    (docs/reproducibility.md says how far that was verified) and with any number of workers;
+    ``False`` runs the libraries' native code paths (and, with one worker, all threads here).
     """
     t_start = time.perf_counter()
     task_cfgs = default_tasks(quick=quick, full=full)
@@ -522,13 +532,15 @@ def run_demo(
         raise ValueError(f"--seeds must be positive; got {n_seeds}")
     if workers is None:
         workers = 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
+    repro = reproducible and device == "cpu"
     jobs = [
         dict(
             task=asdict(t),
             arm=arm,
             seed=s,
             device=device,
-            threads=1 if workers > 1 else max(1, torch.get_num_threads()),
+            threads=1 if workers > 1 or repro else max(1, torch.get_num_threads()),
+            reproducible=repro,
         )
         for t in task_cfgs
         for s in range(n_seeds)
@@ -555,13 +567,17 @@ def run_demo(
                 flush=True,
             )
 
-    if workers > 1 and len(jobs) > 1:
+    settings: dict | bool = False
+    if (workers > 1 and len(jobs) > 1) or repro:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(1,)) as pool:
-            for r in pool.imap_unordered(run_job, jobs):
-                done(r)
+        with environment(REPRODUCIBLE_CPU_ENV if repro else {}) as env:
+            if repro:
+                settings = dict(env, deterministic_algorithms=True, mkldnn=False, threads_per_job=1)
+            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(1,)) as pool:
+                for r in pool.imap_unordered(run_job, jobs):
+                    done(r)
     else:
         for j in jobs:
             done(run_job(j))
@@ -578,6 +594,7 @@ def run_demo(
         machine=machine_line(device),
         fastguide=code_version(),
         workers=workers,
+        reproducible=settings,
         seeds=n_seeds,
         elapsed_seconds=elapsed,
         loss="task cross-entropy + 1.0 * sum_pairs (1 - CKA), biased CKA per minibatch; Adam 1e-3; batch 64",
