@@ -18,6 +18,7 @@ from helpers import CKA_ATOL, GRAD_RTOL, assert_close_verbose, assert_grad_close
 import fastguide as fg
 from fastguide import _config
 from fastguide import _reference as R
+from fastguide import _utils as fastguide_utils
 
 
 def _xfail(item: int, what: str, raises=AssertionError):
@@ -408,7 +409,7 @@ def test_loss_weights_keep_fp64():
 )
 def test_gradient_near_vanishing_u_centred_gram(backend):
     if backend == "triton" and not (
-        torch.cuda.is_available() or fg.functional.triton_usable(torch.device("cpu"))
+        torch.cuda.is_available() or fastguide_utils.triton_usable(torch.device("cpu"))
     ):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     x = torch.tensor([[1.3300], [0.9279], [-2.1869], [0.0175], [-1.2505]], requires_grad=True)

@@ -23,6 +23,7 @@ from props import Layers, Options
 
 import fastguide as fg
 from fastguide import _reference as R
+from fastguide import _utils as fastguide_utils
 
 F32, F64 = torch.float32, torch.float64
 
@@ -288,7 +289,7 @@ def test_half_precision(specs, opts):
 )
 def test_triton_backend_tiny(specs, opts):
     """backend='triton' (the interpreter on CPU) against the oracle, values and gradients."""
-    if not torch.cuda.is_available() and not fg.functional.triton_usable(torch.device("cpu")):
+    if not torch.cuda.is_available() and not fastguide_utils.triton_usable(torch.device("cpu")):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     a, b = specs
     xs, ys, kw = _case(a, b, opts)
