@@ -330,7 +330,7 @@ def compare(
         mode=mode,
         world_size=world if sync else 1,
         fastguide=__version__,
-        torch=torch.__version__,
+        torch=str(torch.__version__),
     )
     return CompareResult(metric.compute().cpu(), final[0], final[1], metadata)
 
