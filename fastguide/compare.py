@@ -153,7 +153,8 @@ class CompareResult:
         if title is None:
             title = f"CKA ({md.get('estimator', '?')}, {md.get('kernel', 'linear')})"
             if "examples" in md:
-                title += f", {md['examples']} examples in {md.get('batches', '?')} batches"
+                b = md.get("batches", "?")
+                title += f", {md['examples']} examples in {b} batch{'' if b == 1 else 'es'}"
         ax.set_title(title, fontsize=10)
         if annotate is None:
             annotate = A <= 12 and B <= 12
