@@ -90,6 +90,12 @@ def _add_heatmap(sub) -> None:
         "--tokens", default="flatten", choices=["flatten", "mean", "samples"], help="(B, T, D) outputs"
     )
     p.add_argument("--train-steps", type=int, default=0, help="train built-in models on their task first")
+    p.add_argument(
+        "--mode",
+        default="eval",
+        choices=["eval", "train"],
+        help="the models' mode during the pass (train: BatchNorm uses batch statistics; restored after)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -116,6 +122,7 @@ def _run_heatmap(args) -> int:
             tokens=args.tokens,
             train_steps=args.train_steps,
             max_batches=args.max_batches,
+            mode=args.mode,
             seed=args.seed,
             device=args.device,
             out=args.out,

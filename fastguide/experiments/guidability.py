@@ -45,6 +45,7 @@ class Config:
     lr: float = 1e-3
     weight: float = 1.0
     record_points: int = 15
+    align_examples: int = 2048  # held-out examples the alignment is measured on (at most the test set)
     digits: dict[str, Any] = field(
         default_factory=lambda: dict(n_train=100, depth=24, hidden=128, dropout=0.1, guide_depth=3)
     )
@@ -60,6 +61,7 @@ def default_config(quick: bool = False, steps: int | None = None) -> Config:
             cfg,
             steps=dict(digits=30, copy=30),
             record_points=6,
+            align_examples=256,
             digits=dict(n_train=100, depth=4, hidden=64, dropout=0.0, guide_depth=2),
             copy=dict(length=6, symbols=8, hidden=32, layers=2, d_model=32, n_test=128),
         )
@@ -137,11 +139,11 @@ def _layers(t: dict, target: str, guide: str):
     return [(tn[i], gn[j]) for i, j in auto_pairs(len(tn), len(gn))]
 
 
-def _alignment(target, guide, pairs, t: dict) -> float:
+def _alignment(target, guide, pairs, t: dict, cfg: Config) -> float:
     """Mean over the guided pairs of the held-out minibatch CKA between target and guide."""
     from ..compare import compare
 
-    x = t["test"][0]
+    x = t["test"][0][: cfg.align_examples]
     batches = [xb for xb in x.split(256) if xb.shape[0] >= 4]
     tn = list(dict.fromkeys(a for a, _ in pairs))
     gn = list(dict.fromkeys(b for _, b in pairs))
@@ -172,7 +174,7 @@ def run_job(job: dict) -> dict:
     target = _model(t, tname, "target", seed).to(device)
     guides = {g: _model(t, g, "guide", seed).to(device) for g in ([gname] if gname else GUIDES[tname])}
     pairs = {g: _pairs_of(target, m, t, tname, g, device) for g, m in guides.items()}
-    align_init = {g: _alignment(target, m, pairs[g], t) for g, m in guides.items()}
+    align_init = {g: _alignment(target, m, pairs[g], t, cfg) for g, m in guides.items()}
     guidance = None
     if gname is not None:
         guidance = Guidance(
@@ -208,7 +210,7 @@ def run_job(job: dict) -> dict:
         chance=t["chance"],
         pairs={g: [list(p) for p in ps] for g, ps in pairs.items()},
         align_init=align_init,
-        align_final={g: _alignment(target, m, pairs[g], t) for g, m in guides.items()},
+        align_final={g: _alignment(target, m, pairs[g], t, cfg) for g, m in guides.items()},
     )
     if guidance is not None:
         h = guidance.history

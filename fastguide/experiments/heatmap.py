@@ -240,6 +240,7 @@ def run_heatmap(
     tokens: str = "flatten",
     train_steps: int = 0,
     max_batches: int | None = None,
+    mode: str = "eval",
     seed: int = 0,
     device: str = "cpu",
     out: str = "./fastguide-heatmap",
@@ -284,6 +285,7 @@ def run_heatmap(
         kernel=kernel,
         tokens=tokens,
         max_batches=max_batches,
+        mode=mode,
         progress=progress,
     )
     res.metadata.update(
@@ -295,8 +297,9 @@ def run_heatmap(
     label = lambda s, m: s if s in BUILTIN_MODELS else type(m).__name__  # noqa: E731
     res.plot(
         png_path,
-        title=f"CKA ({estimator}) of {label(a, ma)} vs {label(b, mb)} on {data}: "
-        f"{res.metadata['examples']} examples, {_count(res.metadata['batches'], 'batch')}",
+        title=f"CKA ({estimator}) of {label(a, ma)} vs {label(b, mb)} on {data}"
+        + (f" (both trained {train_steps} steps)" if train_steps else "")
+        + f": {res.metadata['examples']} examples, {_count(res.metadata['batches'], 'batch')}",
     )
     if verbose:
         A, B = res.shape
