@@ -13,6 +13,7 @@ number of batches; the per-batch statistics go to :meth:`fastguide.MinibatchCKA.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -341,11 +342,8 @@ def _run(data, runs, metric: MinibatchCKA, spec_a, spec_b, max_batches, bar, tok
     side_a, side_b = runs[0][0], runs[-1][0]
     symmetric = len(runs) == 1 and spec_a[0] == spec_b[0]
     final = None
-    skipped = seen = 0
-    for batch in data:
-        if max_batches is not None and seen >= max_batches:
-            break
-        seen += 1
+    skipped = 0
+    for batch in data if max_batches is None else itertools.islice(data, max_batches):
         for side, model, fn, dev in runs:
             args, kwargs = as_args(hk.to_device(fn(batch), dev))
             side.begin()

@@ -96,6 +96,22 @@ def test_update_stats_matches_update(symmetric):
     assert_close_verbose(sub.compute(), full.compute()[[0, 2], [0, 1]], 1e-12, "pairs")
 
 
+def test_update_stats_triton_backend():
+    """The stats-only plan on the Triton backend (interpreter on CPU): its pair kernel over the stack."""
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        ([torch.randn(n, d, generator=g) for d in (5, 20)], [torch.randn(n, 9, generator=g)]) for n in (16, 7)
+    ]
+    ref, tri = fg.MinibatchCKA(backend="torch"), fg.MinibatchCKA(backend="triton")
+    for xs, ys in batches:
+        ref.update(xs, ys)
+        tri.update_stats(
+            [fg.layer_stats(x, backend="triton") for x in xs],
+            [fg.layer_stats(y, backend="triton") for y in ys],
+        )
+    assert_close_verbose(tri.compute(), ref.compute(), 1e-5, "triton update_stats vs torch update")
+
+
 def test_update_stats_rejects_bad_input():
     m = fg.MinibatchCKA()
     x = torch.randn(8, 3)
@@ -217,7 +233,15 @@ def test_small_batches_are_skipped_with_a_warning():
     assert fg.compare(a, None, data, estimator="biased", progress=False).metadata["batches"] == 3
     with pytest.raises(ValueError, match="no batch had the 4 examples"), pytest.warns(UserWarning):
         fg.compare(a, None, data[2:], progress=False)
-    assert fg.compare(a, None, data, max_batches=1, progress=False).metadata["batches"] == 1
+    pulled = []
+
+    def gen():
+        for x, _ in data:
+            pulled.append(x.shape[0])
+            yield x
+
+    assert fg.compare(a, None, gen(), max_batches=1, progress=False).metadata["batches"] == 1
+    assert pulled == [10]  # no batch is drawn beyond max_batches
 
 
 def test_sequence_models_and_tokens():
