@@ -269,19 +269,18 @@ def compare(
         (names_a, explicit_a), (names_b, explicit_b) = spec_a, spec_b
         must_a = set(names_a) if explicit_a else set()
         must_b = set(names_b) if explicit_b else set()
+        # Each side joins ``sides`` as soon as it holds hooks, so the finally block removes them.
         if one_forward:
-            side_a = side_b = hk.Side(
-                model_a, "model_a", list(dict.fromkeys(names_a + names_b)), must_a | must_b, opts
-            )
-            runs = [(side_a, model_a, fn_a, _model_device(model_a))]
+            both = list(dict.fromkeys(names_a + names_b))
+            sides.append(hk.Side(model_a, "model_a", both, must_a | must_b, opts))
+            runs = [(sides[0], model_a, fn_a, _model_device(model_a))]
         else:
-            side_a = hk.Side(model_a, "model_a", names_a, must_a, opts)
-            side_b = hk.Side(model_b, "model_b", names_b, must_b, opts)
+            sides.append(hk.Side(model_a, "model_a", names_a, must_a, opts))
+            sides.append(hk.Side(model_b, "model_b", names_b, must_b, opts))
             runs = [
-                (side_a, model_a, fn_a, _model_device(model_a)),
-                (side_b, model_b, fn_b, _model_device(model_b)),
+                (sides[0], model_a, fn_a, _model_device(model_a)),
+                (sides[1], model_b, fn_b, _model_device(model_b)),
             ]
-        sides = [r[0] for r in runs]
         total = len(data) if hasattr(data, "__len__") else None
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
