@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from ._history import CKAHistory
 from .align import AlignHistory, align
+from .compare import CompareResult, compare
 from .distill import distill_loss
 from .functional import (
     GroupCKA,
@@ -35,5 +37,8 @@ __all__ = [
     "Guidance",
     "align",
     "AlignHistory",
+    "CKAHistory",
+    "compare",
+    "CompareResult",
     "distill_loss",
 ]

@@ -30,7 +30,16 @@ from . import _torch_backend as tb
 from ._utils import acc_dtype, hsic_norm, pair_index, triton_usable
 from ._validate import Options, check_layers, check_stats
 
-__all__ = ["Plan", "LayerTable", "build_plan", "run", "batch_hsic", "backend_module", "use_triton"]
+__all__ = [
+    "Plan",
+    "LayerTable",
+    "build_plan",
+    "build_stats_plan",
+    "run",
+    "batch_hsic",
+    "backend_module",
+    "use_triton",
+]
 
 
 def _arg(schema: str):
@@ -187,6 +196,37 @@ def build_plan(raw: list[torch.Tensor], pre: Sequence, pairs: list[tuple[int, in
         kernel=opts.kernel,
         sigma=None if opts.sigma is None else float(opts.sigma),
         route=route,
+        backend="triton" if triton else "torch",
+    )
+
+
+def build_stats_plan(pre: Sequence, pairs: list[tuple[int, int]], opts: Options) -> Plan:
+    """A plan over precomputed :class:`fastguide.LayerStats` only (no raw layer), for :func:`batch_hsic`.
+
+    The autograd ops need a raw layer (:func:`build_plan`); a metric fed per-layer statistics made in
+    forward hooks (:func:`fastguide.compare`) has none and needs no gradient.
+    """
+    if not pre:
+        raise ValueError("need at least one LayerStats")
+    first = pre[0]
+    check_stats(pre, opts, first.n, first.C.device)
+    dev = first.C.device
+    dt = torch.float64 if any(st.C.dtype == torch.float64 for st in pre) else first.C.dtype
+    pre_t = [
+        torch.stack([st.C.to(dt) for st in pre]),
+        torch.stack([st.s.to(dt) for st in pre]),
+        torch.stack([st.ok for st in pre]),
+        torch.stack([st.h.to(dt) for st in pre]),
+    ]
+    triton = use_triton(opts.backend, dev, opts.kernel)
+    return Plan(
+        [],
+        *pre_t,
+        pairs=[v for p in pairs for v in p],
+        estimator=opts.estimator,
+        kernel=opts.kernel,
+        sigma=None if opts.sigma is None else float(opts.sigma),
+        route="gram",
         backend="triton" if triton else "torch",
     )
 

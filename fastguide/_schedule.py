@@ -113,6 +113,7 @@ class ScheduleMixin:
     def step(self, value: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"step must be a non-negative int; got {value!r}")
+        self._flush_history()
         self._step, self._micro = value, 0
         self._refresh()
 
@@ -128,6 +129,7 @@ class ScheduleMixin:
                 "optimizer_step() needs step_on='optimizer' (with step_on='loss', loss() calls advance the "
                 "schedule); construct Guidance(..., step_on='optimizer') or call attach_optimizer(opt)"
             )
+        self._flush_history()
         self._step += 1
         self._refresh()
 
@@ -145,6 +147,7 @@ class ScheduleMixin:
     def _count_loss_call(self) -> None:
         self._micro += 1
         if self._micro >= self.accumulate:
+            self._flush_history()
             self._micro = 0
             self._step += 1
             self._refresh()
@@ -157,6 +160,7 @@ class ScheduleMixin:
             "step": self._step,
             "micro": self._micro,
             "pairs": [list(p) for p in self.pairs] if self._mapping is not None else None,
+            "history": self._history_state(),  # absent from states saved before histories existed
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -174,7 +178,14 @@ class ScheduleMixin:
             if self._mapping is not None and pairs != self.pairs:
                 raise ValueError(f"the state's layer pairs {pairs} differ from this Guidance's {self.pairs}")
             mapping = self._make_mapping(pairs)
+        history = self._parse_history_state(state.get("history"))
+        n_pairs = len(pairs) if pairs is not None else None
+        if len(history) and n_pairs is not None and len(history.pairs) != n_pairs:
+            raise ValueError(
+                f"Guidance state: the history has {len(history.pairs)} pairs but the state {n_pairs}"
+            )
         if mapping is not None and self._mapping is None:
             self._commit_mapping(mapping)
         self._step, self._micro = step, micro
+        self._load_history(history)
         self._refresh()

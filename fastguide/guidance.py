@@ -26,6 +26,7 @@ from torch import nn
 from ._allreduce_cka import allreduce_feature_cka, choose_global_route
 from ._capture import Capture, HookSet
 from ._guide_side import GuideMixin, _GuideCall, _masked, _model_device, as_args
+from ._history import HistoryMixin
 from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, first_tensor, resolve_name
 from ._schedule import ScheduleMixin, _count_loss_call, eager_only, prepare_eager_only
 from ._target_side import TargetMixin
@@ -48,7 +49,7 @@ def _resolve_in_eager(guidance: Guidance, t_order: list[str], g_in: Any) -> None
     guidance._commit_mapping(guidance._auto_mapping(t_order, g_in))
 
 
-class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
+class Guidance(ScheduleMixin, HistoryMixin, TargetMixin, GuideMixin, nn.Module):
     """Representational-guidance wrapper: CKA alignment of ``target`` layers to a frozen ``guide``.
 
     Args:
@@ -102,6 +103,10 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
             on the choice in one small collective. ``tokens="structure"`` exchanges nothing: each
             sample's structure CKA needs only its own tokens.
         process_group: the group to gather over with ``gather=True`` (default: the world).
+        record_every: record the per-pair CKA of every ``record_every``-th schedule step (guided steps
+            only) into :attr:`history` (a :class:`fastguide.CKAHistory`: curves, JSON), with no host
+            sync in the step: the detached device vector is kept and copied when the history is read.
+            Checkpointed with the state. ``None`` (default): no history.
 
     A step is: run ``target(x)``, then ``guidance.loss(x)``. Under ``torch.no_grad()`` /
     ``torch.inference_mode()`` (evaluation) forwards are captured separately and ``loss()`` computes
@@ -148,6 +153,7 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         gather: bool = False,
         process_group: Any = None,
         route: str = "auto",
+        record_every: int | None = None,
     ):
         super().__init__()
         prepare_eager_only()
@@ -213,6 +219,7 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         self._step = 0
         self._micro = 0  # training loss() calls counted into the current accumulation block
         self._last_cka: torch.Tensor | None = None
+        self._init_history(record_every)
         self._closed = False
         self._refresh()
 
@@ -437,6 +444,8 @@ class Guidance(ScheduleMixin, TargetMixin, GuideMixin, nn.Module):
         elif self._e_acts:
             self._e_acts.clear()
         self._last_cka = ckas.detach()
+        if train:
+            self._note_train_cka(self._last_cka)
         self._finish(train)
         return value
 

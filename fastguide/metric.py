@@ -9,6 +9,7 @@ import torch
 from . import _ops
 from ._utils import pair_index
 from ._validate import GROUP_TOKENS, Options, check_pairs, layer_list, pair_types
+from .functional import LayerStats
 
 _STATE_VERSION = 1
 _STATE_KEYS = (
@@ -34,6 +35,20 @@ def _differs(key: str, saved, mine) -> None:
     raise ValueError(f"MinibatchCKA state: {key}={saved!r} was saved, but this metric has {key}={mine!r}")
 
 
+def _stats_list(stats, name: str) -> list[LayerStats]:
+    if isinstance(stats, (torch.Tensor, LayerStats)) or not isinstance(stats, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of LayerStats; got {type(stats).__name__}")
+    if len(stats) == 0:
+        raise ValueError(f"{name} must hold at least one layer")
+    for k, st in enumerate(stats):
+        if not isinstance(st, LayerStats):
+            raise TypeError(
+                f"{name}[{k}] must be a fastguide.LayerStats (from fastguide.layer_stats); got "
+                f"{type(st).__name__}"
+            )
+    return list(stats)
+
+
 class MinibatchCKA:
     """Accumulates per-batch unbiased (or biased) HSICs and reports CKA over the whole dataset.
 
@@ -43,9 +58,10 @@ class MinibatchCKA:
     Sums make the distributed case an all-reduce (:meth:`sync`). Layers that are degenerate in a batch
     contribute 0 to that batch's sums (their HSIC is 0 in exact arithmetic).
 
-    ``update(xs, ys=None)``: ``ys=None`` compares xs with themselves. The layer counts are fixed by
-    the first update. ``pairs`` (optional) restricts the result to selected (i, j) pairs and
-    ``compute()`` then returns a (len(pairs),) vector instead of the (len(xs), len(ys)) matrix.
+    ``update(xs, ys=None)``: ``ys=None`` compares xs with themselves; :meth:`update_stats` takes the
+    per-layer statistics of a batch (:func:`fastguide.layer_stats`) instead of activations. The layer
+    counts are fixed by the first update. ``pairs`` (optional) restricts the result to selected (i, j)
+    pairs and ``compute()`` then returns a (len(pairs),) vector instead of the (len(xs), len(ys)) matrix.
 
     :meth:`state_dict` / :meth:`load_state_dict` save and resume the accumulated sums (torch
     conventions: a dict of tensors and plain values, fit for ``torch.save`` and ``torch.load`` with
@@ -95,24 +111,55 @@ class MinibatchCKA:
         ys2 = None if ys is None else layer_list(ys, "ys", self.tokens)
         A = len(xs2)
         B = A if ys2 is None else len(ys2)
-        pairs = self.pairs
-        if self.shape is None:
-            if pairs is not None:
-                pairs = check_pairs(pairs, A, B)
-        elif self.shape != (A, B) or self.symmetric != (ys2 is None):
-            raise ValueError(
-                f"update() got {A} x-layers and {'no ys' if ys2 is None else f'{B} y-layers'}; earlier "
-                f"updates had {self.shape[0]} x-layers and "
-                f"{'no ys' if self.symmetric else f'{self.shape[1]} y-layers'}"
-            )
+        pairs = self._layout(A, B, ys2 is None)
         layers = [x.detach() for x in xs2] + ([] if ys2 is None else [y.detach() for y in ys2])
         off = 0 if ys2 is None else A
         glob = [(i, off + j) for i, j in (pairs or [(i, j) for i in range(A) for j in range(B)])]
         cross, self_all = _ops.batch_hsic(_ops.build_plan(layers, [], glob, self._opts))
-        sx = self_all[:A]
-        sy = self_all[:A] if ys2 is None else self_all[A:]
+        self._accumulate(cross, self_all, A, B, ys2 is None, pairs, layers[0].shape[0])
+
+    @torch.no_grad()
+    def update_stats(
+        self, stats_x: Sequence[LayerStats], stats_y: Sequence[LayerStats] | None = None
+    ) -> None:
+        """Like :meth:`update`, from per-layer statistics (:func:`fastguide.layer_stats`) of one batch.
+
+        What :func:`fastguide.compare` feeds from its forward hooks, so that activations are reduced
+        to one n x n matrix each inside the hook and never retained. The statistics must have been made
+        with this metric's ``estimator`` and ``kernel`` (and ``sigma``/``tokens``, which they do not
+        record), all with the same n, on one device. The same object may appear several times (e.g. a
+        layer in both lists). Accumulates exactly what :meth:`update` would on the activations.
+        """
+        sx = _stats_list(stats_x, "stats_x")
+        sy = None if stats_y is None else _stats_list(stats_y, "stats_y")
+        A = len(sx)
+        B = A if sy is None else len(sy)
+        pairs = self._layout(A, B, sy is None)
+        pre = sx + ([] if sy is None else sy)
+        off = 0 if sy is None else A
+        glob = [(i, off + j) for i, j in (pairs or [(i, j) for i in range(A) for j in range(B)])]
+        cross, self_all = _ops.batch_hsic(_ops.build_stats_plan(pre, glob, self._opts))
+        self._accumulate(cross, self_all, A, B, sy is None, pairs, pre[0].n)
+
+    def _layout(self, A: int, B: int, symmetric: bool):
+        """The resolved pairs for a batch of A x-layers and B y-layers (checked against earlier batches)."""
+        pairs = self.pairs
         if self.shape is None:
-            self.shape, self.symmetric, self.pairs = (A, B), ys2 is None, pairs
+            if pairs is not None:
+                pairs = check_pairs(pairs, A, B)
+        elif self.shape != (A, B) or self.symmetric != symmetric:
+            raise ValueError(
+                f"update() got {A} x-layers and {'no ys' if symmetric else f'{B} y-layers'}; earlier "
+                f"updates had {self.shape[0]} x-layers and "
+                f"{'no ys' if self.symmetric else f'{self.shape[1]} y-layers'}"
+            )
+        return pairs
+
+    def _accumulate(self, cross, self_all, A: int, B: int, symmetric: bool, pairs, n: int) -> None:
+        sx = self_all[:A]
+        sy = self_all[:A] if symmetric else self_all[A:]
+        if self.shape is None:
+            self.shape, self.symmetric, self.pairs = (A, B), symmetric, pairs
         if self.cross is None:
             self.cross, self.self_x, self.self_y = cross, sx, sy
         else:
@@ -122,7 +169,7 @@ class MinibatchCKA:
             self.self_x = self.self_x.to(dev) + sx
             self.self_y = self.self_y.to(dev) + sy
         self.batches += 1
-        self.examples += layers[0].shape[0]
+        self.examples += n
         self._global = None
 
     def _sums(self):

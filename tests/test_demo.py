@@ -151,7 +151,8 @@ def test_heatmap(tmp_path):
 
     res = run_heatmap("fcn", "resnet", n=64, out=str(tmp_path))
     mat = torch.tensor(res["cka"])
-    assert mat.shape == (len(res["layers_a"]), len(res["layers_b"])) == (16, 10)
+    # compare's layers="auto" keeps the logits layer (16 hidden blocks + head; 10 maps + fc).
+    assert mat.shape == (len(res["layers_a"]), len(res["layers_b"])) == (17, 11)
     assert torch.isfinite(mat).all()
     assert (tmp_path / "heatmap.png").exists() and (tmp_path / "heatmap.json").exists()
     with pytest.raises(ValueError, match="both be image models"):
