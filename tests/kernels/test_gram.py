@@ -182,10 +182,10 @@ def test_gram_fwd_bad_input(dev):
 def test_autotune_reduced_to_one_config():
     if not _configs.skip_autotune():
         pytest.skip("autotuning is active (GPU without FASTGUIDE_SKIP_AUTOTUNE)")
-    from fastguide.kernels.backward import _grad_x_bwd_kernel
-    from fastguide.kernels.cka import _hsic_matrix_fwd_kernel
+    from fastguide.kernels.backward import _cka_pairs_bwd_kernel
+    from fastguide.kernels.cka import _cka_matrix_fwd_kernel
 
-    for kern in (_gram_fwd_kernel, _hsic_matrix_fwd_kernel, _grad_x_bwd_kernel):
+    for kern in (_gram_fwd_kernel, _cka_matrix_fwd_kernel, _cka_pairs_bwd_kernel):
         assert len(kern.configs) == 1
     assert len(_configs.gram_fwd_configs()) == 1
 
