@@ -76,7 +76,7 @@ def gram_fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, s in ((32, 3), (32, 4), (64, 2), (64, 3), (32, 2), (16, 4))
+        for bk, s in ((32, 3), (32, 4), (64, 3), (64, 2))
         for w in (8, 4)
     ]
 
@@ -90,11 +90,12 @@ def gram_fwd_smem(block_m: int, block_k: int, stages: int, esize: int) -> int:
 def prune_gram_fwd(configs, named_args, **kwargs):
     bm = kwargs["BLOCK_M"]
     esize = named_args["x_ref_ptr"].element_size()
-    # The accumulator tile needs 8 warps at 128 x 128 (and fp64 64 x 64): 64 registers per thread.
-    min_warps = 8 if bm * bm * (2 if kwargs["ACC"].primitive_bitwidth == 64 else 1) >= 128 * 128 else 4
+    # 8 warps hold a 128 x 128 fp32 (or 64 x 64 fp64... x 2) accumulator in 64 registers a thread;
+    # 4 warps would need 128 and spill. Smaller tiles take 4 warps.
+    warps = 8 if bm * bm * (2 if kwargs["ACC"].primitive_bitwidth == 64 else 1) >= 128 * 128 else 4
     return _fits(
         configs,
-        lambda c: (gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize), c.num_warps >= min_warps),
+        lambda c: (gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize), c.num_warps == warps),
     )
 
 
@@ -139,9 +140,7 @@ def matrix_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, s in ((128, 3), (64, 4), (128, 4), (256, 2), (64, 3))
-        for w in (4, 8)
+        triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=s) for bk, s in ((128, 3), (64, 4), (256, 2))
     ]
 
 
@@ -186,7 +185,7 @@ def grad_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_J": bj}, num_warps=w, num_stages=s)
-        for bj, s in ((32, 3), (32, 4), (64, 2), (64, 3), (32, 2), (16, 3), (16, 2))
+        for bj, s in ((32, 3), (32, 4), (16, 4), (32, 2))
         for w in (8, 4)
     ]
 
@@ -201,12 +200,12 @@ def prune_grad(configs, named_args, **kwargs):
     bm, bn, num_c = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["NUM_C"]
     esize = named_args["x_ref_ptr"].element_size()
     cw = 2 if kwargs["ACC"].primitive_bitwidth == 64 else 1
-    min_warps = 8 if bm * bn * cw >= 128 * 128 else 4
+    warps = 8 if bm * bn * cw >= 128 * 128 else 4
     return _fits(
         configs,
         lambda c: (
             grad_smem(num_c * cw, bm, bn, c.kwargs["BLOCK_J"], c.num_stages, esize),
-            c.num_warps >= min_warps,
+            c.num_warps == warps,
         ),
     )
 

@@ -149,8 +149,6 @@ def _cka_pairs_bwd_kernel(
     ok1_ptr,
     ok2_ptr,
     s_ptr,
-    stride_xm_ref,
-    stride_xk_ref,
     stride_c10,
     stride_c20,
     n,
@@ -169,7 +167,6 @@ def _cka_pairs_bwd_kernel(
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
     N_VEC: tl.constexpr,
-    DIRECT: tl.constexpr,
     PAIRS: tl.constexpr,
     TWO_STACKS: tl.constexpr,
     C_FLAT: tl.constexpr,
@@ -182,8 +179,7 @@ def _cka_pairs_bwd_kernel(
 
     Pointers:
       dx_ptr: flat output buffer in x's dtype; layer a's (n, d_a) row-major gradient starts at its
-        dx offset. x_ref_ptr: the group's first layer (with DIRECT, a one-layer group: the input
-        itself, strides stride_xm_ref / stride_xk_ref, so they specialise).
+        dx offset. x_ref_ptr: the group's first layer (the element-type witness of the x's).
       c1_ptr (L1, n, n), c2_ptr (L2, n, n): with PAIRS, the stacks of the layer space (flat; B may be
         absent: TWO_STACKS False); otherwise c1_ptr is only the element-type witness of the C's.
       lay_ptr: (layers, 8) int64 (``_LAYER_COLS``); prog_ptr: (P, 3) int32 (layer, row block,
@@ -202,14 +198,9 @@ def _cka_pairs_bwd_kernel(
     mb = tl.load(prog_ptr + pid * 3 + 1)
     nb = tl.load(prog_ptr + pid * 3 + 2)
     lay = lay_ptr + t.to(tl.int64) * 8
-    if DIRECT:
-        x_ptr = x_ref_ptr
-        stride_xm = stride_xm_ref
-        stride_xk = stride_xk_ref
-    else:
-        x_ptr = tl.load(lay).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
-        stride_xm = tl.load(lay + 1)
-        stride_xk = tl.load(lay + 2)
+    x_ptr = tl.load(lay).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
+    stride_xm = tl.load(lay + 1)
+    stride_xk = tl.load(lay + 2)
     d = tl.load(lay + 3)
     dx_off = tl.load(lay + 4)
     slot0 = tl.load(lay + 5)
@@ -483,8 +474,6 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             slot_t if slot_t is not None else lay_t,
             con_t if con_t is not None else prog_t,
             *mode_args,
-            x0.stride(0),
-            x0.stride(1),
             c1.stride(0) if pairs else 0,
             c2.stride(0) if pairs else 0,
             n,
@@ -502,7 +491,6 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             ALIGNED=aligned,
             VEC=16 // x0.element_size(),
             N_VEC=pow2_divisor(n),
-            DIRECT=len(idx) == 1,
             PAIRS=pairs,
             TWO_STACKS=two,
             C_FLAT=c_flat,

@@ -164,3 +164,26 @@ def test_hsic_gpu_large(highest_precision):
     )
     # Deterministic (per-program partials, no atomics).
     assert torch.equal(hsic_matrix(A, B), out)
+
+
+def test_one_launch_reduction_is_deterministic_and_resets_counters(dev, highest_precision):
+    """Several chunks per output: the last program sums the partials in a fixed order, the result
+    repeats bit for bit, and the arrival counters are back at 0 afterwards (so the next launch and a
+    CUDA-graph replay find them zeroed)."""
+    from fastguide.kernels import _common
+
+    C = torch.randn(5, 37, 37, device=dev)
+    h = (C * C).sum((1, 2)) / (37 * 34)
+    ok = torch.tensor([True, True, False, True, True], device=dev)
+    pairs = [(0, 1), (2, 3), (4, 4), (1, 0)]
+    first = cka_pairs_fwd(C, h, ok, pairs, "unbiased")
+    second = cka_pairs_fwd(C, h, ok, pairs, "unbiased")
+    m1 = cka_matrix_fwd(C, C[:3], h, h[:3], ok, ok[:3], "biased")
+    m2 = cka_matrix_fwd(C, C[:3], h, h[:3], ok, ok[:3], "biased")
+    for a, b in zip(first + m1, second + m2, strict=True):
+        assert torch.equal(a, b)
+    assert first[0][1].item() == 0.0  # layer 2 is flagged degenerate
+    expected = torch.stack([(C[i].double() * C[j].double()).sum() for i, j in pairs]) / (37 * 34)
+    assert_close_verbose(first[1], expected, 1e-6 * expected.abs().max().item(), "hsic")
+    for buf in _common._COUNTERS.values():
+        assert int(buf.abs().sum()) == 0
