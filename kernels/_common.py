@@ -66,12 +66,6 @@ def pow2_bucket(v: int) -> int:
     return triton.next_power_of_2(max(int(v), 1))
 
 
-def pow2_divisor(n: int) -> int:
-    """Largest power of two <= 16 dividing ``n``: what the kernels may promise about ``n``
-    (``tl.multiple_of``) so masks along n and row offsets ``i * n`` vectorise."""
-    return min(16, n & -n)
-
-
 def on_input_device(fn):
     """Run a launcher with its first tensor's CUDA device current (Triton launches on the current
     device, not the tensor's). The first argument is a tensor or a list of tensors."""

@@ -87,32 +87,51 @@ def gram_fwd_smem(block_m: int, block_k: int, stages: int, esize: int) -> int:
     return stages * per_stage + 1024
 
 
+def _acc_warps(rows: int, cols: int, acc) -> int:
+    """Warps for a rows x cols accumulator: 8 from 32 KiB on (128 x 128 fp32, 64 x 64 fp64 hold 64
+    or 32 registers a thread at 8 warps; 4 warps spill them), else 4."""
+    return 8 if rows * cols * acc.primitive_bitwidth // 8 >= 32768 else 4
+
+
+def _fma_dot(kwargs) -> bool:
+    """The kernel's tl.dot runs on the FMA units (IEEE fp32 or fp64): no tensor cores."""
+    return not kwargs.get("DOT_LOW", False) and kwargs["INPUT_PRECISION"] == "ieee"
+
+
 def prune_gram_fwd(configs, named_args, **kwargs):
     bm = kwargs["BLOCK_M"]
     esize = named_args["x_ref_ptr"].element_size()
-    # 8 warps hold a 128 x 128 fp32 (or 64 x 64 fp64... x 2) accumulator in 64 registers a thread;
-    # 4 warps would need 128 and spill. Smaller tiles take 4 warps.
-    warps = 8 if bm * bm * (2 if kwargs["ACC"].primitive_bitwidth == 64 else 1) >= 128 * 128 else 4
+    warps = _acc_warps(bm, bm, kwargs["ACC"])
+    # 64-feature steps only where the loads are 16-byte vectors and the dot is on tensor cores:
+    # scalar loads or FMA dot operands of 64 columns spill (compile gate, sm_80 and sm_90).
+    wide_ok = kwargs["ALIGNED"] and not _fma_dot(kwargs)
     return _fits(
         configs,
-        lambda c: (gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize), c.num_warps == warps),
+        lambda c: (
+            gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize),
+            c.num_warps == warps and (c.kwargs["BLOCK_K"] <= 32 or wide_ok),
+        ),
     )
 
 
-def gram_block_m(n: int, fp64: bool = False) -> int:
+def gram_block_m(n: int, fma: bool = False) -> int:
     """Square output tile of the Gram (BLOCK_M = BLOCK_N; >= 16 for tl.dot on the GPU).
 
-    fp64 accumulators are twice the registers: at most 64 there.
+    ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision), whose operands live
+    in registers: 64 x 64 tiles there (128 x 128 spill).
     """
     if interpreting():
         return 16 if n <= 16 else 32
-    return 64 if (n <= 64 or fp64) else 128
+    return 64 if (n <= 64 or fma) else 128
 
 
-def gram_center_block(block_m: int) -> int:
+def gram_center_block(block_m: int, n: int, fp64: bool = False) -> int:
     """Tile of the centring pass (divides BLOCK_M): 64 x 64 on the GPU (32 fp32 values per thread
-    at 4 warps, no spills), the Gram tile under the interpreter (fewer programs)."""
-    return block_m if interpreting() else min(64, block_m)
+    at 4 warps), 32 x 32 for fp64 or when n is not a multiple of 16 (its loads are not vectors then;
+    64 x 64 spills in both cases); the Gram tile under the interpreter (fewer programs)."""
+    if interpreting():
+        return block_m
+    return min(64 if n % 16 == 0 and not fp64 else 32, block_m)
 
 
 def gram_rowsum_block(n: int) -> int:
@@ -183,11 +202,15 @@ def grad_configs() -> list[triton.Config]:
     stages; most preferred first."""
     if interpreting():
         return [triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_J": bj}, num_warps=w, num_stages=s)
-        for bj, s in ((32, 3), (32, 4), (16, 4), (32, 2))
-        for w in (8, 4)
+    # Tensor-core dots (TF32, 16-bit inputs): 8 warps, the C and x tiles in shared memory.
+    tc = [
+        triton.Config({"BLOCK_J": bj}, num_warps=8, num_stages=s)
+        for bj, s in ((32, 3), (32, 4), (16, 4), (16, 3))
     ]
+    # FMA dots (IEEE fp32, fp64) keep both operands in registers: 16 examples a step, 8 warps, and
+    # the whole register file (ptxas otherwise caps some variants at 128 registers and spills).
+    fma = [triton.Config({"BLOCK_J": 16}, num_warps=8, num_stages=s, maxnreg=255) for s in (3, 4)]
+    return tc + fma
 
 
 def grad_smem(num_c: int, block_m: int, block_n: int, block_j: int, stages: int, esize_x: int) -> int:
@@ -200,22 +223,32 @@ def prune_grad(configs, named_args, **kwargs):
     bm, bn, num_c = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["NUM_C"]
     esize = named_args["x_ref_ptr"].element_size()
     cw = 2 if kwargs["ACC"].primitive_bitwidth == 64 else 1
-    warps = 8 if bm * bn * cw >= 128 * 128 else 4
+    fma = _fma_dot(kwargs)
+    # 32-example steps only for up to two C's on aligned, unit-stride x, and 4 stages only for fp32
+    # x: more live tiles (or the 16-bit x converted in registers) spill (compile gate).
+    wide_ok = num_c <= 2 and kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0
+    deep_ok = esize >= 4
     return _fits(
         configs,
         lambda c: (
             grad_smem(num_c * cw, bm, bn, c.kwargs["BLOCK_J"], c.num_stages, esize),
-            c.num_warps == warps,
+            (c.maxnreg is not None) == fma
+            and (c.kwargs["BLOCK_J"] <= 16 or wide_ok)
+            and (c.num_stages <= 3 or deep_ok),
         ),
     )
 
 
-def grad_blocks(n: int, fp64: bool = False) -> tuple[int, int]:
-    """(BLOCK_M rows of dX, BLOCK_N feature columns) per program; both >= 16 for tl.dot."""
+def grad_blocks(n: int, fma: bool = False, aligned: bool = True) -> tuple[int, int]:
+    """(BLOCK_M rows of dX, BLOCK_N feature columns) per program; both >= 16 for tl.dot.
+
+    ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision): 64 x 64 tiles, 64 x 32
+    when x is not 16-byte aligned (scalar loads of a 64-wide x tile spill there).
+    """
     if interpreting():
         return (16 if n <= 16 else 32), 32
-    if fp64:
-        return 64, 64
+    if fma:
+        return 64, (64 if aligned else 32)
     return (64 if n <= 64 else 128), 128
 
 

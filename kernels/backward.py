@@ -36,7 +36,6 @@ from ._common import (
     needs_int64,
     on_input_device,
     pow2_bucket,
-    pow2_divisor,
     tl_dtype,
 )
 from ._configs import GRAD_SLOTS, grad_blocks, grad_configs, prune_grad
@@ -125,7 +124,7 @@ def _g_tile(c_ptr, stride_cm, stride_ck, off_c, mask_g, present, j, C_FLAT: tl.c
 
 @triton.autotune(
     configs=grad_configs(),
-    key=["N_BUCKET", "D_BUCKET", "NUM_C", "BLOCK_M", "BLOCK_N", "INPUT_PRECISION"],
+    key=["N_BUCKET", "D_BUCKET", "NUM_C", "BLOCK_M", "BLOCK_N", "LAYOUT", "ALIGNED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_grad},
 )
 @triton.jit(do_not_specialize=["L1", "L2", "inv_norm", "N_BUCKET", "D_BUCKET"])
@@ -166,7 +165,6 @@ def _cka_pairs_bwd_kernel(
     LAYOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
-    N_VEC: tl.constexpr,
     PAIRS: tl.constexpr,
     TWO_STACKS: tl.constexpr,
     C_FLAT: tl.constexpr,
@@ -206,8 +204,8 @@ def _cka_pairs_bwd_kernel(
     slot0 = tl.load(lay + 5)
     nslots = tl.load(lay + 6)
     a = tl.load(lay + 7)
-    # n is a multiple of N_VEC (host): lets masks along n and row offsets of the C's vectorise.
-    n_vec = tl.multiple_of(n, N_VEC)
+    # (n itself is specialised by Triton when it is a multiple of 16: then the C rows vectorise.)
+    n_vec = n
     if ALIGNED:
         # Host-checked (aligned_2d): 16-byte aligned x, rows (or columns) of VEC elements.
         x_ptr = tl.multiple_of(x_ptr, 16)
@@ -428,18 +426,19 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
     n = xs[0].shape[0]
     device = xs[0].device
     acc = acc_dtype(xs[0].dtype)
-    BM, BN = grad_blocks(n, acc == torch.float64)
     max_bj = max(c.kwargs["BLOCK_J"] for c in grad_configs())
     slot_t = device_table(slot_rows, torch.int64, device) if slot_rows else None
     con_t = device_table(con_rows, torch.int32, device) if con_rows else None
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
-        idx64 = needs_int64(max(max_bj, SHIFT_ROWS), x.stride(0), BN, x.stride(1)) or needs_int64(
-            BM, x.shape[1], BN, 1
+        # Largest tiles any config uses (128 x 128, max BLOCK_J rows): int32 offsets if they fit.
+        idx64 = needs_int64(max(max_bj, SHIFT_ROWS), x.stride(0), 128, x.stride(1)) or needs_int64(
+            128, x.shape[1], 128, 1
         )
         groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), idx64), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(xs)
     for (dtype, layout, aligned, idx64), idx in groups.items():
+        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", aligned)
         buf = torch.empty((sum(xs[i].numel() for i in idx),), dtype=dtype, device=device)
         lay_rows, off = [], 0
         for i in idx:
@@ -450,7 +449,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             off += n * d
         shapes = tuple(xs[i].shape[1] for i in idx)
         prog_t = device_table(
-            lambda shapes=shapes: [
+            lambda shapes=shapes, BM=BM, BN=BN: [
                 v
                 for t, d in enumerate(shapes)
                 for mb in range(triton.cdiv(n, BM))
@@ -490,7 +489,6 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             LAYOUT=layout,
             ALIGNED=aligned,
             VEC=16 // x0.element_size(),
-            N_VEC=pow2_divisor(n),
             PAIRS=pairs,
             TWO_STACKS=two,
             C_FLAT=c_flat,

@@ -49,7 +49,6 @@ from ._common import (
     needs_int64,
     on_input_device,
     pow2_bucket,
-    pow2_divisor,
     tl_dtype,
 )
 from ._configs import (
@@ -73,7 +72,7 @@ _LAYER_COLS = 3
 
 @triton.autotune(
     configs=gram_fwd_configs(),
-    key=["N_BUCKET", "D_BUCKET", "BLOCK_M", "LAYOUT", "DOT_LOW", "INPUT_PRECISION"],
+    key=["N_BUCKET", "D_BUCKET", "BLOCK_M", "LAYOUT", "ALIGNED", "DOT_LOW", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_gram_fwd},
 )
 @triton.jit(do_not_specialize=["num_tiles", "thr_coef", "N_BUCKET", "D_BUCKET"])
@@ -99,7 +98,6 @@ def _gram_fwd_kernel(
     LAYOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
-    N_VEC: tl.constexpr,
     IDX: tl.constexpr,
     ACC: tl.constexpr,
     DOT_LOW: tl.constexpr,
@@ -144,8 +142,8 @@ def _gram_fwd_kernel(
     x_ptr = tl.load(xp_ptr + layer).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
     stride_xm = tl.load(xs_ptr + layer * 2)
     stride_xk = tl.load(xs_ptr + layer * 2 + 1)
-    # n is a multiple of N_VEC (host): masks along n and the K rows' offsets i * n vectorise.
-    n_vec = tl.multiple_of(n, N_VEC)
+    # (n itself is specialised by Triton when it is a multiple of 16: then K's rows vectorise.)
+    n_vec = n
     if ALIGNED:
         # Host-checked (aligned_2d): 16-byte aligned pointer, strides and extents of VEC elements.
         x_ptr = tl.multiple_of(x_ptr, 16)
@@ -285,7 +283,6 @@ def _gram_center_kernel(
     num_upper,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    N_VEC: tl.constexpr,
     HAS_SPLIT: tl.constexpr,
     UNBIASED: tl.constexpr,
 ):
@@ -307,8 +304,6 @@ def _gram_center_kernel(
     layer = tl.program_id(1).to(tl.int64)
     ACC = k_ptr.dtype.element_ty
     nf = n.to(ACC)
-    # n is a multiple of N_VEC (host): the tiles' row offsets and masks vectorise.
-    n = tl.multiple_of(n, N_VEC)
     nn = n.to(tl.int64) * n
 
     offs_t = tl.arange(0, BLOCK_T)
@@ -507,7 +502,10 @@ def gram_fwd(
     L = len(xs)
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16; got {block_m}")
-    BM = block_m or gram_block_m(n, acc == torch.float64)
+    fma = acc == torch.float64 or (
+        any(x.dtype == torch.float32 for x in xs) and input_precision(torch.float32) == "ieee"
+    )
+    BM = block_m or gram_block_m(n, fma)
     if n * BM > 2**31 - 1:
         raise ValueError(f"n={n} is too large for the Triton Gram kernels (n * {BM} must fit in int32)")
     T = triton.cdiv(n, BM)
@@ -570,7 +568,6 @@ def gram_fwd(
             LAYOUT=layout,
             ALIGNED=aligned,
             VEC=16 // xs[idx[0]].element_size(),
-            N_VEC=pow2_divisor(n),
             IDX=tl.int64 if tile64 else tl.int32,
             ACC=tl_dtype(acc),
             DOT_LOW=dot_low is not None,
@@ -586,7 +583,7 @@ def gram_fwd(
     tp = torch.empty((L, R, 2), dtype=acc, device=device)
     _gram_rowsum_kernel[(R, L)](r, dg, tp, rp, dp, lmeta, n, R, T, BLOCK_R=BR)
 
-    BC = gram_center_block(BM)
+    BC = gram_center_block(BM, n, acc == torch.float64)
     TC = triton.cdiv(n, BC)
     tiles = device_table(
         lambda: [v for ci in range(TC) for cj in range(ci, TC) for v in (ci, cj)],
@@ -617,7 +614,6 @@ def gram_fwd(
         U,
         BLOCK_C=BC,
         BLOCK_T=BT,
-        N_VEC=pow2_divisor(n),
         HAS_SPLIT=ne > 0,
         UNBIASED=estimator == "unbiased",
         num_warps=4,

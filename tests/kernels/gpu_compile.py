@@ -25,8 +25,9 @@ How it works (written against triton 3.9.0, :data:`PINNED_TRITON`):
 A variant is a *problem* when it fails to compile, needs more shared memory than the arch's
 per-block limit (``metadata.shared`` against :data:`SHARED_LIMIT`), spills (stack > 0, local
 memory, or any LDL/STL), or has a ``tt.dot`` on fp16/bf16 operands or TF32 (tf32, tf32x3) without
-a tensor-core instruction. Streaming kernels launched on 16-byte-aligned shapes (tagged
-``aligned`` below) must also issue 16-byte global loads.
+a tensor-core instruction (or, for a kernel of 16-bit inputs, any dot without one). Streaming
+kernels launched on 16-byte-aligned shapes (tagged ``aligned-x`` / ``aligned-n`` below) must also
+issue 16-byte global loads.
 
 Triton internals used (checked by :func:`missing_internals`; the test skips naming what is absent):
 ``triton.runtime.driver.set_active`` / ``reset_active``, ``triton.backends.driver.DriverBase``,
@@ -58,16 +59,18 @@ ARCHES = (80, 90)
 # Max dynamic shared memory per block (opt-in), bytes: A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 SM_COUNT = {80: 108, 90: 132}
-# Kernels that stream large operands from DRAM: on aligned shapes they must use 16-byte loads.
+# Kernels that stream large operands from DRAM, and the tag under which they must use 16-byte
+# loads: "aligned-x" (the activations pass the launchers' alignment check), "aligned-n" (n is a
+# multiple of 16, so the n x n operands' rows are 16-byte aligned).
 STREAMING = {
-    "_gram_fwd_kernel",
-    "_gram_center_kernel",
-    "_hsic_matrix_fwd_kernel",
-    "_hsic_pairs_fwd_kernel",
-    "_cka_pairs_fwd_kernel",
-    "_cka_matrix_fwd_kernel",
-    "_grad_x_bwd_kernel",
-    "_cka_pairs_bwd_kernel",
+    "_gram_fwd_kernel": "aligned-x",
+    "_gram_center_kernel": "aligned-n",
+    "_hsic_matrix_fwd_kernel": "aligned-n",
+    "_hsic_pairs_fwd_kernel": "aligned-n",
+    "_cka_pairs_fwd_kernel": "aligned-n",
+    "_cka_matrix_fwd_kernel": "aligned-n",
+    "_grad_x_bwd_kernel": "aligned-x",
+    "_cka_pairs_bwd_kernel": "aligned-x",
 }
 _TC_PRECISIONS = ("tf32", "tf32x3", "bf16x3", "bf16x6")
 
@@ -190,10 +193,15 @@ class Variant:
     global_loads: int = 0
     global_loads_128: int = 0
     dots: list = field(default_factory=list)  # (operand dtype, input precision)
+    inputs_16bit: bool = False  # a pointer argument to fp16/bf16 data (the inputs are 16-bit)
     compile_s: float = 0.0
 
     @property
     def expects_tensor_cores(self) -> bool:
+        """A dot on fp16/bf16 or TF32 operands, or any dot of a kernel whose inputs are 16-bit (an
+        fp32 IEEE dot on upcast 16-bit data runs on the FMA units for no accuracy the inputs have)."""
+        if self.inputs_16bit and self.dots:
+            return True
         return any(t in ("f16", "bf16") or (t == "f32" and p in _TC_PRECISIONS) for t, p in self.dots)
 
     def problems(self) -> list[str]:
@@ -206,7 +214,7 @@ class Variant:
             out.append("spill")
         if self.expects_tensor_cores and self.tensor_core_ops == 0:
             out.append("no tensor cores")
-        if self.kernel in STREAMING and "aligned" in self.tags and self.global_loads_128 == 0:
+        if STREAMING.get(self.kernel) in self.tags and self.global_loads_128 == 0:
             out.append("no 16-byte loads")
         return out
 
@@ -298,6 +306,7 @@ class Gate:
                     if isinstance(val, (int, bool, str)) or hasattr(val, "name")
                 ),
             )
+            v.inputs_16bit = any(str(t) in ("*fp16", "*bf16") for t in compile["signature"].values())
             self.variants[ck] = v
             if self.compile_kernels:
                 self._compile(v, jf, compile, opts)
@@ -326,8 +335,8 @@ class Gate:
 
 # --------------------------------------------------------------------------- workloads
 # (dtype name, float32 matmul precision) modes; 16-bit inputs under both precisions (the
-# backward's fp32 dot used to depend on it).
-MODES_FULL = [
+# backward's fp32 dot used to depend on it). Identical variants are compiled once.
+MODES = [
     ("float32", "high"),
     ("float32", "highest"),
     ("bfloat16", "high"),
@@ -336,10 +345,65 @@ MODES_FULL = [
     ("float16", "highest"),
     ("float64", "highest"),
 ]
-MODES_DEFAULT = MODES_FULL
-
 # ResNet-18 block outputs of W1 (DESIGN.md section 6): features per example.
 W1_GUIDE = [200704, 200704, 200704, 100352, 100352, 50176, 50176, 25088, 25088]
+
+
+@dataclass
+class Sweep:
+    """What one tier drives, per mode: the Cartesian product of these, plus the grouped cases."""
+
+    ns: list
+    widths: list
+    layouts: list
+    estimators: list
+    stacks: list  # (La, Lb, P) for the pair launchers
+    ks: list  # C's per grad_x call
+    grad_widths: list
+    odd_modes: list | None = None  # modes that get the odd layouts/sizes (None: every mode)
+    odd_ns: list = field(default_factory=list)
+    odd_layouts: list = field(default_factory=list)
+    groups: bool = True
+
+
+TIERS = {
+    # CI: every autotune config and mode on the realistic shapes (n 64 and 256, conv- and FCN-sized
+    # layers, W1/W3 groups, 1-4 C's), the odd classes (n not a multiple of 16, transposed and
+    # unaligned layers) in fp32 and bf16.
+    "default": Sweep(
+        ns=[64, 256],
+        widths=[4096, 200704],
+        layouts=["contig"],
+        estimators=["unbiased", "biased"],
+        stacks=[(8, 9, 8), (24, 24, 24)],
+        ks=[1, 2, 4],
+        grad_widths=[4096],
+        odd_modes=[("float32", "high"), ("bfloat16", "high"), ("float32", "highest")],
+        odd_ns=[100],
+        odd_layouts=["transposed", "offset", "strided"],
+    ),
+    # The sweep the before/after table of kernels/README.md was measured with (the first version
+    # of this gate's default tier).
+    "baseline": Sweep(
+        ns=[100, 256],
+        widths=[100, 4096, 200704],
+        layouts=["contig", "transposed"],
+        estimators=["unbiased"],
+        stacks=[(8, 9, 8), (24, 24, 24)],
+        ks=[1, 2, 4, 6],
+        grad_widths=[100, 1000, 4096],
+    ),
+    # Everything: opt in with FASTGUIDE_COMPILE_GATE=full (hours on a 2-core machine).
+    "full": Sweep(
+        ns=[64, 100, 256, 1000, 4096],
+        widths=[1, 7, 100, 1000, 4096, 50176, 200704, 20_000_000],
+        layouts=["contig", "transposed", "offset", "strided"],
+        estimators=["unbiased", "biased"],
+        stacks=[(1, 1, 1), (8, 9, 8), (12, 12, 12), (24, 24, 24)],
+        ks=[1, 2, 3, 4, 6],
+        grad_widths=[1, 7, 100, 1000, 4096],
+    ),
+}
 
 
 def _meta(shape, dtype, layout="contig"):
@@ -351,17 +415,24 @@ def _meta(shape, dtype, layout="contig"):
         return torch.empty(shape[::-1], dtype=dtype, device="meta").T
     if layout == "offset":  # one column dropped: unaligned data pointer and an odd row stride
         return torch.empty((shape[0], shape[1] + 1), dtype=dtype, device="meta")[:, 1:]
+    if layout == "strided":  # every other feature: no unit stride
+        return torch.empty((shape[0], 2 * shape[1]), dtype=dtype, device="meta")[:, ::2]
     raise ValueError(layout)
 
 
-def _aligned(n: int, ds, layout: str, esize: int) -> bool:
-    """16-byte aligned rows and widths (what the launchers check before promising vector loads)."""
+def _x_tags(n: int, ds, layout: str, esize: int) -> tuple:
+    """``aligned-x`` when the launchers' host check (``aligned_2d``) lets the x loads be vectors."""
     vec = 16 // esize
-    if layout == "offset":
-        return False
-    if layout == "transposed":
-        return n % vec == 0
-    return all(d % vec == 0 for d in ds)
+    if layout == "contig" and all(d % vec == 0 for d in ds):
+        return ("aligned-x",)
+    if layout == "transposed" and n % vec == 0:
+        return ("aligned-x",)
+    return ()
+
+
+def _n_tags(n: int) -> tuple:
+    """``aligned-n`` when Triton specialises n (a multiple of 16): the n x n operands are vectors."""
+    return ("aligned-n",) if n % 16 == 0 else ()
 
 
 def _call(gate: Gate, errors: list, what: str, fn, *args, **kwargs):
@@ -373,72 +444,63 @@ def _call(gate: Gate, errors: list, what: str, fn, *args, **kwargs):
 
 
 def drive(gate: Gate, tier: str, errors: list) -> None:
-    """Call the public launchers over the sweep of ``tier`` ("default" or "full")."""
+    """Call the public launchers over the sweep of ``tier`` (see :data:`TIERS`)."""
     import fastguide.kernels as K
     import torch
 
-    full = tier == "full"
-    modes = MODES_FULL if full else MODES_DEFAULT
-    ns = [64, 100, 256, 1000, 4096] if full else [100, 256]
-    widths = [1, 7, 100, 1000, 4096, 50176, 200704] if full else [100, 4096, 200704]
-    layouts = ["contig", "transposed", "offset"] if full else ["contig", "transposed"]
-    estimators = ["unbiased", "biased"]
+    sw = TIERS[tier]
     old_prec = torch.get_float32_matmul_precision()
     try:
-        for dname, prec in modes:
+        for mode in MODES:
+            dname, prec = mode
             torch.set_float32_matmul_precision(prec)
             dt = getattr(torch, dname)
             es = torch.empty((), dtype=dt).element_size()
             acc = torch.float64 if dt == torch.float64 else torch.float32
-            for est in estimators if full else estimators[:1]:
-                _drive_gram(gate, K, dt, es, est, ns, widths, layouts, errors)
-            _drive_pairs(gate, K, dt, acc, ns, full, errors)
-            _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, full, errors)
+            odd = sw.odd_modes is None or mode in sw.odd_modes
+            ns = sw.ns + (sw.odd_ns if odd else [])
+            layouts = sw.layouts + (sw.odd_layouts if odd else [])
+            for est in sw.estimators:
+                _drive_gram(gate, K, dt, es, est, ns, sw.widths, layouts, sw.groups, errors)
+            _drive_pairs(gate, K, dt, acc, ns, sw.stacks, errors)
+            _drive_backward(gate, K, dt, es, acc, ns, sw.grad_widths, layouts, sw.ks, sw.groups, errors)
     finally:
         torch.set_float32_matmul_precision(old_prec)
 
 
-def _drive_gram(gate, K, dt, es, est, ns, widths, layouts, errors):
+def _drive_gram(gate, K, dt, es, est, ns, widths, layouts, groups, errors):
     for n in ns:
         for d in widths:
             for lay in layouts:
                 x = _meta((n, d), dt, lay)
-                tags = ("aligned",) if _aligned(n, [d], lay, es) else ()
-                with gate.tag(*tags):
+                with gate.tag(*_x_tags(n, [d], lay, es), *_n_tags(n)):
                     _call(gate, errors, f"gram_fwd n={n} d={d} {lay}", K.gram_fwd, [x], est)
-        groups = {
-            "W1 target": [4096] * 8,
-            "W1 target+guide": [4096] * 8 + W1_GUIDE,
-            "W3": [2048] * 24,
-            "mixed": [4096, 1000, 7],
-        }
-        for name, ds in groups.items():
+        if not groups:
+            continue
+        cases = {"W1 target+guide": [4096] * 8 + W1_GUIDE, "W3": [2048] * 24, "mixed": [4096, 1000, 7]}
+        for name, ds in cases.items():
             xs = [_meta((n, d), dt) for d in ds]
-            tags = ("aligned",) if _aligned(n, ds, "contig", es) else ()
-            with gate.tag(*tags):
+            with gate.tag(*_x_tags(n, ds, "contig", es), *_n_tags(n)):
                 _call(gate, errors, f"gram_fwd {name} n={n}", K.gram_fwd, xs, est)
-        xs = [_meta((n, d), dt, "transposed") for d in (300, 4096)]
-        _call(gate, errors, f"gram_fwd transposed group n={n}", K.gram_fwd, xs, est)
 
 
 def _pairs_of(La: int, Lb: int, P: int) -> list[tuple[int, int]]:
     return [(p % La, La + (p * 7) % Lb) for p in range(P)]
 
 
-def _drive_pairs(gate, K, dt, acc, ns, full, errors):
+def _drive_pairs(gate, K, dt, acc, ns, stacks, errors):
     import torch
 
     stack_dtypes = [acc] + ([torch.float16] if dt == torch.float16 else [])
-    shapes = [(1, 1, 1), (8, 9, 8), (12, 12, 12), (24, 24, 24)] if full else [(8, 9, 8), (24, 24, 24)]
     for n in ns:
-        aligned = ("aligned",) if n % 4 == 0 else ()
         for sdt in stack_dtypes:
-            for La, Lb, P in shapes:
+            for La, Lb, P in stacks:
                 A = _meta((La, n, n), sdt)
                 B = _meta((Lb, n, n), sdt)
-                pi = torch.tensor([i for i, _ in _pairs_of(La, Lb, P)], device="meta")
-                pj = torch.tensor([j - La for _, j in _pairs_of(La, Lb, P)], device="meta")
-                with gate.tag(*aligned):
+                pairs = _pairs_of(La, Lb, P)
+                pi = torch.tensor([i for i, _ in pairs], device="meta")
+                pj = torch.tensor([j - La for _, j in pairs], device="meta")
+                with gate.tag(*_n_tags(n)):
                     _call(gate, errors, f"hsic_matrix {La}x{Lb} n={n}", K.hsic_matrix, A, B)
                     _call(gate, errors, f"hsic_pairs P={P} n={n}", K.hsic_pairs, A, B, pi, pj)
                 if sdt != acc:
@@ -446,82 +508,34 @@ def _drive_pairs(gate, K, dt, acc, ns, full, errors):
                 ha, hb = torch.empty(La, dtype=acc, device="meta"), torch.empty(Lb, dtype=acc, device="meta")
                 oka = torch.empty(La, dtype=torch.bool, device="meta")
                 okb = torch.empty(Lb, dtype=torch.bool, device="meta")
-                with gate.tag(*aligned):
+                with gate.tag(*_n_tags(n)):
                     if hasattr(K, "cka_matrix_fwd"):
-                        _call(
-                            gate,
-                            errors,
-                            f"cka_matrix_fwd n={n}",
-                            K.cka_matrix_fwd,
-                            A,
-                            B,
-                            ha,
-                            hb,
-                            oka,
-                            okb,
-                            "unbiased",
-                        )
-                        _call(
-                            gate,
-                            errors,
-                            f"cka_pairs_fwd P={P} n={n}",
-                            K.cka_pairs_fwd,
-                            A,
-                            ha,
-                            oka,
-                            _pairs_of(La, Lb, P),
-                            "unbiased",
-                            C2=B,
-                            h2=hb,
-                            ok2=okb,
-                        )
-                    else:
-                        _call(
-                            gate,
-                            errors,
-                            f"cka_matrix n={n}",
-                            K.cka_matrix,
-                            A,
-                            B,
-                            ha,
-                            hb,
-                            oka,
-                            okb,
-                            "unbiased",
-                        )
-                        _call(
-                            gate,
-                            errors,
-                            f"cka_pairs n={n}",
-                            K.cka_pairs,
-                            A,
-                            B,
-                            ha,
-                            hb,
-                            oka,
-                            okb,
-                            pi,
-                            pj,
-                            "unbiased",
-                        )
+                        args = (A, B, ha, hb, oka, okb, "unbiased")
+                        _call(gate, errors, f"cka_matrix_fwd n={n}", K.cka_matrix_fwd, *args)
+                        kw = {"C2": B, "h2": hb, "ok2": okb}
+                        _call(gate, errors, f"cka_pairs_fwd P={P} n={n}", K.cka_pairs_fwd, A, ha, oka, pairs,
+                              "unbiased", **kw)  # fmt: skip
+                    else:  # the launchers before the rename (baseline measurement of the old kernels)
+                        args = (A, B, ha, hb, oka, okb, "unbiased")
+                        _call(gate, errors, f"cka_matrix n={n}", K.cka_matrix, *args)
+                        _call(gate, errors, f"cka_pairs n={n}", K.cka_pairs, A, B, ha, hb, oka, okb, pi, pj,
+                              "unbiased")  # fmt: skip
 
 
-def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, full, errors):
+def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, groups, errors):
     import torch
 
-    ks = [1, 2, 3, 4, 6] if full else [1, 2, 4, 6]
     for n in ns:
-        for d in [w for w in widths if w <= 4096] + ([] if full else [1000]):
+        for d in widths:
             for lay in layouts:
                 x = _meta((n, d), dt, lay)
-                tags = ("aligned",) if _aligned(n, [d], lay, es) and n % 4 == 0 else ()
                 for k in ks:
                     Cs = [torch.empty((n, n), dtype=acc, device="meta") for _ in range(k)]
                     w = torch.empty(k, dtype=acc, device="meta")
                     scale = torch.empty((), dtype=acc, device="meta")
-                    with gate.tag(*tags):
+                    with gate.tag(*_x_tags(n, [d], lay, es), *_n_tags(n)):
                         _call(gate, errors, f"grad_x n={n} d={d} k={k} {lay}", K.grad_x, x, Cs, w, scale)
-        if not hasattr(K, "cka_pairs_bwd"):
+        if not groups or not hasattr(K, "cka_pairs_bwd"):
             continue
         cases = {
             "W1": ([4096] * 8, W1_GUIDE, [(i, 8 + i) for i in range(8)]),
@@ -535,26 +549,10 @@ def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, full, errors):
             C = torch.empty((L, n, n), dtype=acc, device="meta")
             vec = torch.empty(L, dtype=acc, device="meta")
             ok = torch.empty(L, dtype=torch.bool, device="meta")
-            P = len(pairs)
-            g = torch.empty(P, dtype=acc, device="meta")
-            tags = ("aligned",) if _aligned(n, dt_, "contig", es) and n % 4 == 0 else ()
-            with gate.tag(*tags):
-                _call(
-                    gate,
-                    errors,
-                    f"cka_pairs_bwd {name} n={n}",
-                    K.cka_pairs_bwd,
-                    g,
-                    g,
-                    xs,
-                    list(range(len(dt_))),
-                    C,
-                    vec,
-                    vec,
-                    ok,
-                    pairs,
-                    "unbiased",
-                )
+            g = torch.empty(len(pairs), dtype=acc, device="meta")
+            with gate.tag(*_x_tags(n, dt_, "contig", es), *_n_tags(n)):
+                _call(gate, errors, f"cka_pairs_bwd {name} n={n}", K.cka_pairs_bwd, g, g, xs,
+                      list(range(len(dt_))), C, vec, vec, ok, pairs, "unbiased")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- W1 launch count
@@ -733,7 +731,7 @@ def markdown(variants: list[Variant]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, choices=ARCHES, required=True)
-    p.add_argument("--tier", choices=("default", "full"), default="default")
+    p.add_argument("--tier", choices=tuple(TIERS), default="default")
     p.add_argument("--json", help="write the variants and the summary here")
     p.add_argument("--table", action="store_true", help="print the markdown table")
     p.add_argument("--launch-count", action="store_true", help="count the W1 loss's device kernels instead")
