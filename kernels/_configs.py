@@ -224,10 +224,12 @@ def prune_grad(configs, named_args, **kwargs):
     esize = named_args["x_ref_ptr"].element_size()
     cw = 2 if kwargs["ACC"].primitive_bitwidth == 64 else 1
     fma = _fma_dot(kwargs)
-    # 32-example steps only for up to two C's on aligned, unit-stride x, and 4 stages only for fp32
-    # x: more live tiles (or the 16-bit x converted in registers) spill (compile gate).
-    wide_ok = num_c <= 2 and kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0
-    deep_ok = esize >= 4
+    # Vector loads everywhere: aligned unit-stride x and n a multiple of 16 (C rows).
+    vector = kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0 and named_args["n"] % 16 == 0
+    # 32-example steps only for up to two C's with vector loads, 4 stages only for fp32 x with
+    # vector loads: more live tiles, scalar loads or 16-bit x converted in registers spill.
+    wide_ok = num_c <= 2 and vector
+    deep_ok = esize >= 4 and vector
     return _fits(
         configs,
         lambda c: (
@@ -243,7 +245,7 @@ def grad_blocks(n: int, fma: bool = False, aligned: bool = True) -> tuple[int, i
     """(BLOCK_M rows of dX, BLOCK_N feature columns) per program; both >= 16 for tl.dot.
 
     ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision): 64 x 64 tiles, 64 x 32
-    when x is not 16-byte aligned (scalar loads of a 64-wide x tile spill there).
+    unless x is 16-byte aligned and row-major (``aligned``; other 64-wide x tiles spill there).
     """
     if interpreting():
         return (16 if n <= 16 else 32), 32

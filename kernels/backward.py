@@ -438,7 +438,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
         groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), idx64), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(xs)
     for (dtype, layout, aligned, idx64), idx in groups.items():
-        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", aligned)
+        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", aligned and layout == 0)
         buf = torch.empty((sum(xs[i].numel() for i in idx),), dtype=dtype, device=device)
         lay_rows, off = [], 0
         for i in idx:

@@ -363,24 +363,28 @@ class Sweep:
     odd_modes: list | None = None  # modes that get the odd layouts/sizes (None: every mode)
     odd_ns: list = field(default_factory=list)
     odd_layouts: list = field(default_factory=list)
-    groups: bool = True
+    groups: tuple = ("W1 target+guide", "W3", "mixed")  # gram_fwd layer lists
+    bwd_cases: tuple = ("W1", "W3", "all pairs 12x12", "self and within")  # cka_pairs_bwd cases
 
 
 TIERS = {
-    # CI: every autotune config and mode on the realistic shapes (n 64 and 256, conv- and FCN-sized
-    # layers, W1/W3 groups, 1-4 C's), the odd classes (n not a multiple of 16, transposed and
-    # unaligned layers) in fp32 and bf16.
+    # CI: every autotune config and every mode on the W1 shapes (n 256, conv- and FCN-sized layers,
+    # the W1 layer list, the W1 backward with 2 C's and grad_x with 4, the most per pass), and the
+    # odd classes (n 64: small tiles; n 100: not a multiple of 16; transposed, unaligned and
+    # strided layers) in fp32 (TF32) and bf16. The full tier covers the rest.
     "default": Sweep(
-        ns=[64, 256],
+        ns=[256],
         widths=[4096, 200704],
         layouts=["contig"],
         estimators=["unbiased", "biased"],
-        stacks=[(8, 9, 8), (24, 24, 24)],
-        ks=[1, 2, 4],
+        stacks=[(8, 9, 8)],
+        ks=[4],
         grad_widths=[4096],
-        odd_modes=[("float32", "high"), ("bfloat16", "high"), ("float32", "highest")],
-        odd_ns=[100],
+        odd_modes=[("float32", "high"), ("bfloat16", "high")],
+        odd_ns=[64, 100],
         odd_layouts=["transposed", "offset", "strided"],
+        groups=("W1 target+guide",),
+        bwd_cases=("W1",),
     ),
     # The sweep the before/after table of kernels/README.md was measured with (the first version
     # of this gate's default tier).
@@ -461,9 +465,11 @@ def drive(gate: Gate, tier: str, errors: list) -> None:
             ns = sw.ns + (sw.odd_ns if odd else [])
             layouts = sw.layouts + (sw.odd_layouts if odd else [])
             for est in sw.estimators:
-                _drive_gram(gate, K, dt, es, est, ns, sw.widths, layouts, sw.groups, errors)
+                # Layouts only change the first pass (its kernel does not depend on the estimator).
+                lay = layouts if est == sw.estimators[0] else sw.layouts
+                _drive_gram(gate, K, dt, es, est, ns, sw.widths, lay, sw.groups, errors)
             _drive_pairs(gate, K, dt, acc, ns, sw.stacks, errors)
-            _drive_backward(gate, K, dt, es, acc, ns, sw.grad_widths, layouts, sw.ks, sw.groups, errors)
+            _drive_backward(gate, K, dt, es, acc, ns, sw.grad_widths, layouts, sw.ks, sw.bwd_cases, errors)
     finally:
         torch.set_float32_matmul_precision(old_prec)
 
@@ -475,10 +481,8 @@ def _drive_gram(gate, K, dt, es, est, ns, widths, layouts, groups, errors):
                 x = _meta((n, d), dt, lay)
                 with gate.tag(*_x_tags(n, [d], lay, es), *_n_tags(n)):
                     _call(gate, errors, f"gram_fwd n={n} d={d} {lay}", K.gram_fwd, [x], est)
-        if not groups:
-            continue
         cases = {"W1 target+guide": [4096] * 8 + W1_GUIDE, "W3": [2048] * 24, "mixed": [4096, 1000, 7]}
-        for name, ds in cases.items():
+        for name, ds in ((g, cases[g]) for g in groups):
             xs = [_meta((n, d), dt) for d in ds]
             with gate.tag(*_x_tags(n, ds, "contig", es), *_n_tags(n)):
                 _call(gate, errors, f"gram_fwd {name} n={n}", K.gram_fwd, xs, est)
@@ -522,7 +526,7 @@ def _drive_pairs(gate, K, dt, acc, ns, stacks, errors):
                               "unbiased")  # fmt: skip
 
 
-def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, groups, errors):
+def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, bwd_cases, errors):
     import torch
 
     for n in ns:
@@ -535,7 +539,7 @@ def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, groups, error
                     scale = torch.empty((), dtype=acc, device="meta")
                     with gate.tag(*_x_tags(n, [d], lay, es), *_n_tags(n)):
                         _call(gate, errors, f"grad_x n={n} d={d} k={k} {lay}", K.grad_x, x, Cs, w, scale)
-        if not groups or not hasattr(K, "cka_pairs_bwd"):
+        if not hasattr(K, "cka_pairs_bwd"):
             continue
         cases = {
             "W1": ([4096] * 8, W1_GUIDE, [(i, 8 + i) for i in range(8)]),
@@ -543,7 +547,7 @@ def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, groups, error
             "all pairs 12x12": ([1024] * 12, [768] * 12, [(i, 12 + j) for i in range(12) for j in range(12)]),
             "self and within": ([4096, 100, 7], [], [(0, 0), (0, 1), (1, 2), (2, 0)]),
         }
-        for name, (dt_, dg, pairs) in cases.items():
+        for name, (dt_, dg, pairs) in ((c, cases[c]) for c in bwd_cases):
             xs = [_meta((n, d), dt) for d in dt_]
             L = len(dt_) + len(dg)
             C = torch.empty((L, n, n), dtype=acc, device="meta")
