@@ -49,6 +49,11 @@ def device_properties() -> dict:
     return _device_properties(id(drv), drv.get_current_device())
 
 
+def target_arch() -> int:
+    """Compute capability of the active device as an int (80 for sm_80, 90 for sm_90)."""
+    return int(triton.runtime.driver.active.get_current_target().arch)
+
+
 def max_shared_memory() -> int:
     """Shared memory one program may use on the current device (bytes, opt-in per-block limit)."""
     return int(device_properties()["max_shared_mem"])
@@ -76,7 +81,7 @@ def gram_fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, s in ((32, 3), (32, 4), (64, 3), (64, 2))
+        for bk, s in ((32, 3), (32, 4), (64, 3), (64, 2), (16, 4), (16, 3))
         for w in (8, 4)
     ]
 
@@ -102,14 +107,18 @@ def prune_gram_fwd(configs, named_args, **kwargs):
     bm = kwargs["BLOCK_M"]
     esize = named_args["x_ref_ptr"].element_size()
     warps = _acc_warps(bm, bm, kwargs["ACC"])
-    # 64-feature steps only where the loads are 16-byte vectors and the dot is on tensor cores:
-    # scalar loads or FMA dot operands of 64 columns spill (compile gate, sm_80 and sm_90).
-    wide_ok = kwargs["ALIGNED"] and not _fma_dot(kwargs)
+    hopper = target_arch() >= 90
+    vector = kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0
+    # Feature steps per iteration, as the compile gate found them spill-free: 64 with row-major
+    # vector loads on sm_90's tensor cores; 32 with such loads, or on sm_90 (its wgmma keeps the
+    # accumulator and B operand out of the general registers); 16 otherwise (sm_80's mma.sync
+    # holds every operand in registers).
+    widest = 64 if (hopper and vector and not _fma_dot(kwargs)) else (32 if (vector or hopper) else 16)
     return _fits(
         configs,
         lambda c: (
             gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize),
-            c.num_warps == warps and (c.kwargs["BLOCK_K"] <= 32 or wide_ok),
+            c.num_warps == warps and c.kwargs["BLOCK_K"] <= widest,
         ),
     )
 
@@ -198,19 +207,15 @@ def pair_chunks(numel: int, block: int, outputs: int) -> int:
 
 # --------------------------------------------------------------------------- backward (kernels/backward.py)
 def grad_configs() -> list[triton.Config]:
-    """``_grad_x_bwd_kernel`` / ``_cka_pairs_bwd_kernel``: BLOCK_J (examples per iteration), warps,
-    stages; most preferred first."""
+    """``_cka_pairs_bwd_kernel`` (also behind ``grad_x``): BLOCK_J (examples per iteration), stages;
+    most preferred first. 8 warps and the whole register file (without a budget ptxas caps some
+    variants at 128 registers a thread and spills)."""
     if interpreting():
         return [triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1)]
-    # Tensor-core dots (TF32, 16-bit inputs): 8 warps, the C and x tiles in shared memory.
-    tc = [
-        triton.Config({"BLOCK_J": bj}, num_warps=8, num_stages=s)
+    return [
+        triton.Config({"BLOCK_J": bj}, num_warps=8, num_stages=s, maxnreg=255)
         for bj, s in ((32, 3), (32, 4), (16, 4), (16, 3))
     ]
-    # FMA dots (IEEE fp32, fp64) keep both operands in registers: 16 examples a step, 8 warps, and
-    # the whole register file (ptxas otherwise caps some variants at 128 registers and spills).
-    fma = [triton.Config({"BLOCK_J": 16}, num_warps=8, num_stages=s, maxnreg=255) for s in (3, 4)]
-    return tc + fma
 
 
 def grad_smem(num_c: int, block_m: int, block_n: int, block_j: int, stages: int, esize_x: int) -> int:
@@ -225,34 +230,36 @@ def prune_grad(configs, named_args, **kwargs):
     cw = 2 if kwargs["ACC"].primitive_bitwidth == 64 else 1
     fma = _fma_dot(kwargs)
     # Vector loads everywhere: aligned unit-stride x and n a multiple of 16 (C rows).
-    vector = kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0 and named_args["n"] % 16 == 0
-    # 32-example steps only for up to two C's with vector loads, 4 stages only for fp32 x with
-    # vector loads: more live tiles, scalar loads or 16-bit x converted in registers spill.
-    wide_ok = num_c <= 2 and vector
+    vector = kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0 and kwargs["N16"]
+    # As the compile gate found them spill-free: 32-example steps only on the tensor cores with
+    # vector loads and up to two C's (on sm_80 only for fp32 x, whose tiles need no conversion in
+    # registers), 4 stages only for fp32 x with vector loads (on sm_80 with 16-example steps).
+    hopper = target_arch() >= 90
+    wide_ok = not fma and num_c <= 2 and vector and (esize >= 4 or hopper)
     deep_ok = esize >= 4 and vector
     return _fits(
         configs,
         lambda c: (
             grad_smem(num_c * cw, bm, bn, c.kwargs["BLOCK_J"], c.num_stages, esize),
-            (c.maxnreg is not None) == fma
-            and (c.kwargs["BLOCK_J"] <= 16 or wide_ok)
-            and (c.num_stages <= 3 or deep_ok),
+            (c.kwargs["BLOCK_J"] <= 16 or wide_ok)
+            and (c.num_stages <= 3 or (deep_ok and (hopper or c.kwargs["BLOCK_J"] <= 16))),
         ),
     )
 
 
-def grad_blocks(n: int, fma: bool = False, aligned: bool = True) -> tuple[int, int]:
+def grad_blocks(n: int, fma: bool = False, vector: bool = True) -> tuple[int, int]:
     """(BLOCK_M rows of dX, BLOCK_N feature columns) per program; both >= 16 for tl.dot.
 
-    ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision): 64 x 64 tiles, 64 x 32
-    unless x is 16-byte aligned and row-major (``aligned``; other 64-wide x tiles spill there).
+    ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision): 64 x 64 tiles.
+    ``vector``: x is 16-byte aligned and row-major and n a multiple of 16. Without vector loads the
+    feature tile halves (scalar-load x tiles spill at full width on the FMA units, and on sm_80's
+    tensor cores).
     """
     if interpreting():
         return (16 if n <= 16 else 32), 32
     if fma:
-        return 64, (64 if aligned else 32)
-    return (64 if n <= 64 else 128), 128
+        return 64, (64 if vector else 32)
+    return (64 if n <= 64 else 128), (128 if (vector or target_arch() >= 90) else 64)
 
 
-# C matrices combined per pass of the backward's inner loop (more are handled in further passes).
 GRAD_SLOTS = 4

@@ -124,7 +124,17 @@ def _g_tile(c_ptr, stride_cm, stride_ck, off_c, mask_g, present, j, C_FLAT: tl.c
 
 @triton.autotune(
     configs=grad_configs(),
-    key=["N_BUCKET", "D_BUCKET", "NUM_C", "BLOCK_M", "BLOCK_N", "LAYOUT", "ALIGNED", "INPUT_PRECISION"],
+    key=[
+        "N_BUCKET",
+        "D_BUCKET",
+        "NUM_C",
+        "BLOCK_M",
+        "BLOCK_N",
+        "LAYOUT",
+        "ALIGNED",
+        "N16",
+        "INPUT_PRECISION",
+    ],
     prune_configs_by={"early_config_prune": prune_grad},
 )
 @triton.jit(do_not_specialize=["L1", "L2", "inv_norm", "N_BUCKET", "D_BUCKET"])
@@ -165,6 +175,7 @@ def _cka_pairs_bwd_kernel(
     LAYOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
+    N16: tl.constexpr,
     PAIRS: tl.constexpr,
     TWO_STACKS: tl.constexpr,
     C_FLAT: tl.constexpr,
@@ -438,7 +449,8 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
         groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), idx64), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(xs)
     for (dtype, layout, aligned, idx64), idx in groups.items():
-        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", aligned and layout == 0)
+        vector = aligned and layout == 0 and n % 16 == 0
+        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", vector)
         buf = torch.empty((sum(xs[i].numel() for i in idx),), dtype=dtype, device=device)
         lay_rows, off = [], 0
         for i in idx:
@@ -489,6 +501,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             LAYOUT=layout,
             ALIGNED=aligned,
             VEC=16 // x0.element_size(),
+            N16=n % 16 == 0,
             PAIRS=pairs,
             TWO_STACKS=two,
             C_FLAT=c_flat,
