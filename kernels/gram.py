@@ -617,8 +617,8 @@ def gram_fwd(
         HAS_SPLIT=ne > 0,
         UNBIASED=estimator == "unbiased",
         num_warps=4,
-        # Without a register budget ptxas caps some fp64 variants at 80 registers and spills.
-        maxnreg=None if interpreting() else 128,
+        # Without a register budget ptxas caps some variants at 80 registers and spills.
+        maxnreg=None if interpreting() else 255,
     )
     h = torch.empty((L,), dtype=acc, device=device)
     ok = torch.empty((L,), dtype=torch.bool, device=device)

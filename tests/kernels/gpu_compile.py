@@ -429,7 +429,7 @@ def _x_tags(n: int, ds, layout: str, esize: int) -> tuple:
     vec = 16 // esize
     if layout == "contig" and all(d % vec == 0 for d in ds):
         return ("aligned-x",)
-    if layout == "transposed" and n % vec == 0:
+    if layout == "transposed" and n % 16 == 0:  # vectors along n: Triton must know n % 16 == 0
         return ("aligned-x",)
     return ()
 
