@@ -79,3 +79,14 @@ def test_tiny_limit_keeps_the_smallest(device):
 def test_skip_autotune_keeps_one(device, monkeypatch):
     monkeypatch.setattr(_configs, "skip_autotune", lambda: True)
     assert len(_gram()) == 1 and len(_grad()) == 1
+
+
+def test_traffic_model_runs_and_counts_the_input_once():
+    """kernels/README.md's traffic tables come from tests/kernels/traffic_model.py; keep it working."""
+    import traffic_model as tm
+
+    w1 = tm.workloads(4)["W1"]["gram (fwd + centre)"]
+    x_bytes = 256 * (8 * 4096 + sum(tm.W1_GUIDE)) * 4
+    assert x_bytes <= w1.dram <= 1.1 * x_bytes  # x once, plus the small K/C traffic
+    assert w1.l2 > w1.dram  # row blocks re-read through L2 by each tile program
+    assert "| W1 | TF32 |" in tm.table()

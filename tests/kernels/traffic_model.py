@@ -58,8 +58,8 @@ def _splits(ds, n, tiles, esize):
     return out
 
 
-def gram(n: int, ds: list[int], esize: int) -> dict[str, Cost]:
-    bm = 64 if n <= 64 else 128
+def gram(n: int, ds: list[int], esize: int, fma: bool = False) -> dict[str, Cost]:
+    bm = 64 if (n <= 64 or fma) else 128  # kernels/_configs.py gram_block_m
     T = math.ceil(n / bm)
     rows = [min(bm, n - t * bm) for t in range(T)]
     S = _splits(ds, n, T * (T + 1) // 2, esize)
@@ -87,8 +87,8 @@ def matrix(n: int, La: int, Lb: int) -> Cost:
     return Cost((La + Lb) * n * n * 4, (La * tb + Lb * ta) * n * n * 4, 2 * La * Lb * n * n)
 
 
-def backward(n: int, ds: list[int], slots: int, esize: int) -> Cost:
-    bm, bn = (64 if n <= 64 else 128), 128
+def backward(n: int, ds: list[int], slots: int, esize: int, fma: bool = False) -> Cost:
+    bm, bn = (64, 64) if fma else ((64 if n <= 64 else 128), 128)  # _configs.grad_blocks
     tm = math.ceil(n / bm)
     c = Cost()
     for d in ds:
@@ -102,37 +102,38 @@ def backward(n: int, ds: list[int], slots: int, esize: int) -> Cost:
 W1_GUIDE = [200704] * 3 + [100352] * 2 + [50176] * 2 + [25088] * 2
 
 
-def workloads(esize: int) -> dict[str, dict[str, Cost]]:
-    w1 = gram(256, [4096] * 8 + W1_GUIDE, esize)
+def workloads(esize: int, fma: bool = False) -> dict[str, dict[str, Cost]]:
+    """Per workload and kernel; ``fma``: IEEE fp32 (FMA-unit tiles)."""
+    w1 = gram(256, [4096] * 8 + W1_GUIDE, esize, fma)
     w1["cka pairs (8)"] = pairs(256, 8, 16)
-    w1["backward (8 targets, 2 C's)"] = backward(256, [4096] * 8, 2, esize)
-    w2 = gram(4096, [1024] * 12 + [768] * 12, esize)
+    w1["backward (8 targets, 2 C's)"] = backward(256, [4096] * 8, 2, esize, fma)
+    w2 = gram(4096, [1024] * 12 + [768] * 12, esize, fma)
     w2["cka matrix 12 x 12"] = matrix(4096, 12, 12)
-    w2["backward (12 targets, 2 C's)"] = backward(4096, [1024] * 12, 2, esize)
-    w3 = gram(512, [2048] * 48, esize)
+    w2["backward (12 targets, 2 C's)"] = backward(4096, [1024] * 12, 2, esize, fma)
+    w3 = gram(512, [2048] * 48, esize, fma)
     w3["cka matrix 24 x 24"] = matrix(512, 24, 24)
     w3["cka pairs (24)"] = pairs(512, 24, 48)
-    w3["backward (24 targets, 2 C's)"] = backward(512, [2048] * 24, 2, esize)
+    w3["backward (24 targets, 2 C's)"] = backward(512, [2048] * 24, 2, esize, fma)
     return {"W1": w1, "W2": w2, "W3": w3}
 
 
 def table() -> str:
     out = [
-        "| workload | kernel | DRAM MB (fp32 / bf16) | L2 MB (fp32 / bf16) | GFLOP |",
+        "| workload | kernel | DRAM MB (fp32 / bf16) | L2 MB (fp32 / bf16; IEEE tiles) | GFLOP |",
         "| --- | --- | --- | --- | --- |",
     ]
-    f32, b16 = workloads(4), workloads(2)
+    f32, b16, ieee = workloads(4), workloads(2), workloads(4, fma=True)
     for w in f32:
         for k in f32[w]:
-            a, b = f32[w][k], b16[w][k]
+            a, b, c = f32[w][k], b16[w][k], ieee[w][k]
             out.append(
                 f"| {w} | {k} | {a.dram / 1e6:.0f} / {b.dram / 1e6:.0f} "
-                f"| {a.l2 / 1e6:.0f} / {b.l2 / 1e6:.0f} | {a.flops / 1e9:.1f} |"
+                f"| {a.l2 / 1e6:.0f} / {b.l2 / 1e6:.0f}; {c.l2 / 1e6:.0f} | {a.flops / 1e9:.1f} |"
             )
     out += ["", "| workload | precision | " + " | ".join(f"{d} (ms)" for d in DEVICES) + " | bound by |"]
     out.append("| --- | --- | " + " | ".join("---" for _ in DEVICES) + " | --- |")
     for w in f32:
-        for prec, costs in (("TF32", f32), ("bf16 inputs", b16), ("IEEE fp32", f32)):
+        for prec, costs in (("TF32", f32), ("bf16 inputs", b16), ("IEEE fp32", ieee)):
             peak = PEAK[{"TF32": "tf32", "bf16 inputs": "bf16", "IEEE fp32": "ieee"}[prec]]
             times = []
             for bw in DEVICES.values():
