@@ -15,7 +15,9 @@
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [--only STAGE[,STAGE...]]
 #   --dry-run  run the CPU-possible parts instead (no GPU needed): collect the gpu tests, run the
 #              sanitizer cases under TRITON_INTERPRET=1 without the sanitizer, check the bench CLI.
-# Logs: benchmarks/results/gpu_check/<stage>.log, summary: benchmarks/results/gpu_check/summary.md.
+# Logs: benchmarks/results/gpu_check/<stage>.log, summary: benchmarks/results/gpu_check/summary.md
+# (a dry run writes them under ${TMPDIR:-/tmp}/fastguide_gpu_check_dry). Python: $PYTHON, else the
+# `python` on PATH (activate the environment first).
 # Stage timeouts (seconds) can be overridden: GPU_CHECK_TIMEOUT_<STAGE>=<s> (e.g. ..._BENCH=300).
 # Exit status: 0 when every stage that ran passed (a skipped stage, e.g. no compute-sanitizer, is
 # reported and does not fail the run), 1 otherwise.
@@ -36,7 +38,8 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-LOGDIR=$ROOT/benchmarks/results/gpu_check
+# A real run's logs and summary are results (benchmarks/results/gpu_check/); a dry run's are not.
+if [[ $DRY == 1 ]]; then LOGDIR=${TMPDIR:-/tmp}/fastguide_gpu_check_dry; else LOGDIR=$ROOT/benchmarks/results/gpu_check; fi
 mkdir -p "$LOGDIR"
 SUMMARY=$LOGDIR/summary.md
 declare -a NAMES=() STATUS=() SECONDS_TAKEN=()
@@ -105,7 +108,8 @@ if torch.cuda.is_available():
 if [[ $DRY == 1 ]]; then
   echo "gpu_check.sh --dry-run: CPU-possible parts only (no GPU figures are produced)"
   run_stage env "$(timeout_of env 60)" "$PY" -c "$ENV_PY"
-  run_stage tests "$(timeout_of tests 300)" "$PY" -m pytest -q -m gpu --collect-only tests benchmarks
+  run_stage tests "$(timeout_of tests 300)" bash -c \
+    "'$PY' -m pytest -q -m gpu --collect-only tests && '$PY' -m pytest -q -m gpu --collect-only benchmarks"
   run_stage memcheck "$(timeout_of memcheck 600)" env TRITON_INTERPRET=1 FASTGUIDE_SKIP_AUTOTUNE=1 \
     "$PY" tests/kernels/sanitizer_cases.py --small
   if SAN=$(find_sanitizer); then echo "compute-sanitizer found: $SAN"; else echo "compute-sanitizer: not found here"; fi
@@ -117,7 +121,9 @@ else
     exit 1
   fi
   # The gpu-marked tests (compiled kernels on CUDA tensors; the first stage also fills Triton's cache).
-  run_stage tests "$(timeout_of tests 130)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests benchmarks
+  # (tests/ and benchmarks/ have their own conftest.py: two pytest runs, as the project's command.)
+  run_stage tests "$(timeout_of tests 130)" bash -c \
+    "'$PY' -m pytest -q -p no:cacheprovider -m gpu tests && '$PY' -m pytest -q -p no:cacheprovider -m gpu benchmarks"
   if SAN=$(find_sanitizer); then
     for tool in memcheck racecheck; do
       run_stage "$tool" "$(timeout_of "$tool" 65)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTGUIDE_SKIP_AUTOTUNE=1 \
@@ -138,7 +144,7 @@ fi
   echo "| --- | --- | --- |"
   for i in "${!NAMES[@]}"; do echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECONDS_TAKEN[$i]} |"; done
   echo
-  echo "total: $(( $(date +%s) - START )) s; logs in benchmarks/results/gpu_check/"
+  echo "total: $(( $(date +%s) - START )) s; logs in ${LOGDIR#"$ROOT"/}/"
 } >"$SUMMARY"
 echo
 cat "$SUMMARY"
