@@ -6,8 +6,9 @@ Naming scheme (STYLE.md section 7.2), used in every file of ``kernels/``:
   passes of one op); launchers ``<op>_fwd`` / ``<op>_bwd`` or the op name the caller uses;
 * pointers ``<tensor>_ptr``; strides ``stride_<tensor><dim>`` with dims m (rows / examples),
   k (features), or 0/1/2 for stacked matrices;
-* constexprs in CAPS; locals ``pid_*`` (program ids), ``offs_*`` (int64 offsets), ``mask_*``,
-  ``acc_*`` (accumulators);
+* constexprs in CAPS; locals ``pid_*`` (program ids), ``offs_*`` / ``off_*`` (in-tile offsets:
+  int32 relative to an int64 per-program base pointer, int64 where the host found a tile could
+  overflow int32), ``mask_*``, ``acc_*`` (accumulators);
 * argument order: outputs, inputs, strides, sizes, runtime scalars, constexprs.
 """
 

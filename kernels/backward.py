@@ -39,7 +39,7 @@ from ._common import (
     tl_dtype,
 )
 from ._configs import GRAD_SLOTS, grad_blocks, grad_configs, prune_grad
-from .cka import _resolve, _self_hsic, check_pairs, pair_index
+from .cka import _check_pair, _check_self, _check_stack, _norm, _resolve, _self_hsic, check_pairs, pair_index
 
 _ALPHA, _BETA = 0, 1  # contribution kinds: partner term alpha_p C_b, self term -g_p CKA_p / h_a C_a
 _LAYER_COLS = 8  # x pointer, stride_xm, stride_xk, d, dx offset, first slot, slots, global layer
@@ -48,44 +48,26 @@ _SLOT_COLS = 5  # C pointer or layer index, first contribution or weight index, 
 
 @triton.jit
 def _slot(
-    k,
-    end,
-    a,
-    slot_ptr,
-    con_ptr,
-    w_ptr,
-    c1_ptr,
-    c2_ptr,
-    stride_c10,
-    stride_c20,
-    g_ptr,
-    cka_ptr,
-    pi_ptr,
-    pj_ptr,
-    h1_ptr,
-    h2_ptr,
-    ok1_ptr,
-    ok2_ptr,
-    L1,
-    L2,
-    PAIRS: tl.constexpr,
-    TWO_STACKS: tl.constexpr,
+    k, end, a, row_c, n, offs_r, offs_jj,
+    slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20,
+    g_ptr, cka_ptr, pi_ptr, pj_ptr, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2,
+    PAIRS: tl.constexpr, TWO_STACKS: tl.constexpr, C_FLAT: tl.constexpr, C_ALIGNED: tl.constexpr,
     ACC: tl.constexpr,
-):
-    """(weight, C base pointer, C strides, present) of slot ``k`` of a layer whose slots end at ``end``.
+):  # fmt: skip
+    """Slot ``k`` of a layer whose slots end at ``end``: (weight, pointer to its C's row block
+    ``row_c``, the (BLOCK_M, BLOCK_J) offsets of a tile of it, its column stride, present).
 
     PAIRS: the slot is a layer of the stack space and its weight is the sum of its contributions
     (alpha_p or -g_p CKA_p / h_a, 0 where a layer of pair p is degenerate). Otherwise the slot
     holds a C pointer, its strides and the index of its weight in ``w_ptr``.
     """
     present = k < end
-    kk = tl.minimum(k, end - 1)
-    row = slot_ptr + kk * 5
+    row = slot_ptr + tl.minimum(k, end - 1) * 5
     ref = tl.load(row)
+    stride_cm = tl.load(row + 3)
+    stride_ck = tl.load(row + 4)
     if PAIRS:
         c_ptr, _ = _resolve(ref, L1, L2, c1_ptr, c2_ptr, stride_c10, stride_c20, TWO_STACKS)
-        stride_cm = tl.load(row + 3)
-        stride_ck = tl.load(row + 4)
         h_a, ok_a = _self_hsic(a, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
         h_a = tl.where(ok_a, h_a.to(ACC), 1.0)
         c0 = tl.load(row + 1)
@@ -98,23 +80,29 @@ def _slot(
             h_i, ok_i = _self_hsic(gi, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
             h_j, ok_j = _self_hsic(gj, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
             g = tl.load(g_ptr + p).to(ACC)
-            alpha = g / (
-                tl.sqrt(tl.where(ok_i, h_i.to(ACC), 1.0)) * tl.sqrt(tl.where(ok_j, h_j.to(ACC), 1.0))
-            )
+            r_i = tl.sqrt(tl.where(ok_i, h_i.to(ACC), 1.0))
+            alpha = g / (r_i * tl.sqrt(tl.where(ok_j, h_j.to(ACC), 1.0)))
             beta = g * tl.load(cka_ptr + p).to(ACC) / h_a
             term = tl.where(kind == 0, alpha, -beta)
             w += tl.where((ok_i & ok_j) != 0, term, 0.0)
     else:
         c_ptr = ref.to(tl.pointer_type(c1_ptr.dtype.element_ty))
-        stride_cm = tl.load(row + 3)
-        stride_ck = tl.load(row + 4)
         w = tl.load(w_ptr + tl.load(row + 1)).to(ACC)
-    return tl.where(present, w, 0.0), c_ptr, stride_cm, stride_ck, present
+    if C_ALIGNED:
+        c_ptr = tl.multiple_of(c_ptr, 16)
+    if C_FLAT:
+        c_ptr = c_ptr + row_c * n
+        off_c = offs_r[:, None] * n + offs_jj[None, :]  # (BLOCK_M, BLOCK_J), < BLOCK_M * n (int32)
+    else:
+        c_ptr = c_ptr + row_c * stride_cm
+        off_c = offs_r.to(tl.int64)[:, None] * stride_cm + offs_jj.to(tl.int64)[None, :] * stride_ck
+    return tl.where(present, w, 0.0), c_ptr, off_c, stride_ck, present
 
 
 @triton.jit
-def _g_tile(c_ptr, stride_cm, stride_ck, off_c, mask_g, present, j, C_FLAT: tl.constexpr, ACC: tl.constexpr):
-    """One (BLOCK_M, BLOCK_J) tile of a C, columns from ``j``; 0 where masked or absent."""
+def _g_tile(c_ptr, stride_ck, off_c, mask_g, present, j, C_FLAT: tl.constexpr, ACC: tl.constexpr):
+    """One (BLOCK_M, BLOCK_J) tile of a C (row block base ``c_ptr``), columns from ``j``; 0 where
+    masked or absent."""
     if C_FLAT:
         ptr = c_ptr + j
     else:
@@ -257,152 +245,38 @@ def _cka_pairs_bwd_kernel(
     row_c = (mb * BLOCK_M).to(tl.int64)
     for k0 in range(slot0, slot0 + nslots, NUM_C):
         end = slot0 + nslots
-        w0, p0, sm0, sk0, h0 = _slot(
-            k0,
-            end,
-            a,
-            slot_ptr,
-            con_ptr,
-            w_ptr,
-            c1_ptr,
-            c2_ptr,
-            stride_c10,
-            stride_c20,
-            g_ptr,
-            cka_ptr,
-            pi_ptr,
-            pj_ptr,
-            h1_ptr,
-            h2_ptr,
-            ok1_ptr,
-            ok2_ptr,
-            L1,
-            L2,
-            PAIRS,
-            TWO_STACKS,
-            ACC,
-        )
-        if C_ALIGNED:
-            p0 = tl.multiple_of(p0, 16)
-        if C_FLAT:
-            p0 = p0 + row_c * n_vec
-            off_c0 = offs_r[:, None] * n_vec + offs_jj[None, :]  # (BLOCK_M, BLOCK_J), < BLOCK_M * n
-        else:
-            p0 = p0 + row_c * sm0
-            off_c0 = offs_r.to(tl.int64)[:, None] * sm0 + offs_jj.to(tl.int64)[None, :] * sk0
+        # fmt: off
+        w0, p0, off_c0, sk0, h0 = _slot(
+            k0, end, a, row_c, n_vec, offs_r, offs_jj,
+            slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+            h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 1:
-            w1, p1, sm1, sk1, h1 = _slot(
-                k0 + 1,
-                end,
-                a,
-                slot_ptr,
-                con_ptr,
-                w_ptr,
-                c1_ptr,
-                c2_ptr,
-                stride_c10,
-                stride_c20,
-                g_ptr,
-                cka_ptr,
-                pi_ptr,
-                pj_ptr,
-                h1_ptr,
-                h2_ptr,
-                ok1_ptr,
-                ok2_ptr,
-                L1,
-                L2,
-                PAIRS,
-                TWO_STACKS,
-                ACC,
-            )
-            if C_ALIGNED:
-                p1 = tl.multiple_of(p1, 16)
-            if C_FLAT:
-                p1 = p1 + row_c * n_vec
-                off_c1 = off_c0
-            else:
-                p1 = p1 + row_c * sm1
-                off_c1 = offs_r.to(tl.int64)[:, None] * sm1 + offs_jj.to(tl.int64)[None, :] * sk1
+            w1, p1, off_c1, sk1, h1 = _slot(
+                k0 + 1, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 2:
-            w2, p2, sm2, sk2, h2 = _slot(
-                k0 + 2,
-                end,
-                a,
-                slot_ptr,
-                con_ptr,
-                w_ptr,
-                c1_ptr,
-                c2_ptr,
-                stride_c10,
-                stride_c20,
-                g_ptr,
-                cka_ptr,
-                pi_ptr,
-                pj_ptr,
-                h1_ptr,
-                h2_ptr,
-                ok1_ptr,
-                ok2_ptr,
-                L1,
-                L2,
-                PAIRS,
-                TWO_STACKS,
-                ACC,
-            )
-            if C_ALIGNED:
-                p2 = tl.multiple_of(p2, 16)
-            if C_FLAT:
-                p2 = p2 + row_c * n_vec
-                off_c2 = off_c0
-            else:
-                p2 = p2 + row_c * sm2
-                off_c2 = offs_r.to(tl.int64)[:, None] * sm2 + offs_jj.to(tl.int64)[None, :] * sk2
+            w2, p2, off_c2, sk2, h2 = _slot(
+                k0 + 2, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 3:
-            w3, p3, sm3, sk3, h3 = _slot(
-                k0 + 3,
-                end,
-                a,
-                slot_ptr,
-                con_ptr,
-                w_ptr,
-                c1_ptr,
-                c2_ptr,
-                stride_c10,
-                stride_c20,
-                g_ptr,
-                cka_ptr,
-                pi_ptr,
-                pj_ptr,
-                h1_ptr,
-                h2_ptr,
-                ok1_ptr,
-                ok2_ptr,
-                L1,
-                L2,
-                PAIRS,
-                TWO_STACKS,
-                ACC,
-            )
-            if C_ALIGNED:
-                p3 = tl.multiple_of(p3, 16)
-            if C_FLAT:
-                p3 = p3 + row_c * n_vec
-                off_c3 = off_c0
-            else:
-                p3 = p3 + row_c * sm3
-                off_c3 = offs_r.to(tl.int64)[:, None] * sm3 + offs_jj.to(tl.int64)[None, :] * sk3
+            w3, p3, off_c3, sk3, h3 = _slot(
+                k0 + 3, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
+        # fmt: on
         for j in range(0, n, BLOCK_J):
             mask_j = j + offs_jj < n_vec
             mask_g = mask_m[:, None] & mask_j[None, :]
             # G tile formed on load: the weighted sum of the C tiles, never stored.
-            g = w0 * _g_tile(p0, sm0, sk0, off_c0, mask_g, h0, j, C_FLAT, ACC)  # (BLOCK_M, BLOCK_J)
+            g = w0 * _g_tile(p0, sk0, off_c0, mask_g, h0, j, C_FLAT, ACC)  # (BLOCK_M, BLOCK_J)
             if NUM_C > 1:
-                g += w1 * _g_tile(p1, sm1, sk1, off_c1, mask_g, h1, j, C_FLAT, ACC)
+                g += w1 * _g_tile(p1, sk1, off_c1, mask_g, h1, j, C_FLAT, ACC)
             if NUM_C > 2:
-                g += w2 * _g_tile(p2, sm2, sk2, off_c2, mask_g, h2, j, C_FLAT, ACC)
+                g += w2 * _g_tile(p2, sk2, off_c2, mask_g, h2, j, C_FLAT, ACC)
             if NUM_C > 3:
-                g += w3 * _g_tile(p3, sm3, sk3, off_c3, mask_g, h3, j, C_FLAT, ACC)
+                g += w3 * _g_tile(p3, sk3, off_c3, mask_g, h3, j, C_FLAT, ACC)
             mask_x = mask_j[:, None] & mask_n[None, :]
             xh = tl.load(xcol_ptr + _cast(j, tl.int64) * stride_xm + off_x, mask=mask_x, other=0.0).to(ACC)
             xh = tl.where(mask_x, xh - shift[None, :], 0.0)  # (BLOCK_J, BLOCK_N)
@@ -610,8 +484,6 @@ def cka_pairs_bwd(
     with a degenerate layer contributes exactly 0; a target without pairs gets an exact 0. The
     weights alpha/beta, 1/N and 2/s are computed in the kernel: no torch op, no host sync.
     """
-    from .cka import _check_pair, _check_self, _check_stack, _norm
-
     _check_stack(C, "C")
     two = C2 is not None
     if two:
@@ -619,9 +491,9 @@ def cka_pairs_bwd(
     L1 = C.shape[0]
     L2 = C2.shape[0] if two else 0
     n = C.shape[1]
-    acc = C.dtype if C.dtype != torch.float16 else torch.float32
     if C.dtype == torch.float16:
         raise TypeError("C must be float32 or float64 (the stacks of gram_fwd)")
+    acc = C.dtype
     _check_self(h, ok, L1, acc, C.device, "")
     if two:
         _check_self(h2, ok2, L2, acc, C.device, "2")

@@ -66,8 +66,6 @@ from ._configs import (
 # Columns of the per-program table of _gram_fwd_kernel: local layer, ti, tj, feature range
 # [k0, k1), destination buffer (0: K, 1: split partials KX), index in that buffer, split slot.
 _PROG_COLS = 8
-# Columns of the per-layer table of the epilogue passes: first extra slot, splits, first slot.
-_LAYER_COLS = 3
 
 
 @triton.autotune(
