@@ -81,7 +81,7 @@ def gram_fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, s in ((32, 3), (32, 4), (64, 3), (64, 2), (16, 4), (16, 3))
+        for bk, s in ((32, 3), (32, 4), (64, 3), (16, 4))
         for w in (8, 4)
     ]
 
@@ -167,9 +167,7 @@ def matrix_configs() -> list[triton.Config]:
     """``_cka_matrix_fwd_kernel``: BLOCK_K positions of the flattened n*n axis per iteration."""
     if interpreting():
         return [triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=s) for bk, s in ((128, 3), (64, 4), (256, 2))
-    ]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=4, num_stages=s) for bk, s in ((128, 3), (64, 4))]
 
 
 def matrix_smem(block_a: int, block_b: int, block_k: int, stages: int, esize: int) -> int:
@@ -214,7 +212,7 @@ def grad_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_J": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_J": bj}, num_warps=8, num_stages=s, maxnreg=255)
-        for bj, s in ((32, 3), (32, 4), (16, 4), (16, 3))
+        for bj, s in ((32, 3), (32, 4), (16, 3))
     ]
 
 

@@ -360,7 +360,8 @@ class Sweep:
     stacks: list  # (La, Lb, P) for the pair launchers
     ks: list  # C's per grad_x call
     grad_widths: list
-    odd_modes: list | None = None  # modes that get the odd layouts/sizes (None: every mode)
+    odd_modes: list | None = None  # modes that get the odd layouts (None: every mode)
+    odd_ns_modes: list | None = None  # modes that also get the odd sizes (None: as odd_modes)
     odd_ns: list = field(default_factory=list)
     odd_layouts: list = field(default_factory=list)
     groups: tuple = ("W1 target+guide", "W3", "mixed")  # gram_fwd layer lists
@@ -381,6 +382,7 @@ TIERS = {
         ks=[4],
         grad_widths=[4096],
         odd_modes=[("float32", "high"), ("bfloat16", "high")],
+        odd_ns_modes=[("float32", "high")],
         odd_ns=[64, 100],
         odd_layouts=["transposed", "offset", "strided"],
         groups=("W1 target+guide",),
@@ -462,7 +464,8 @@ def drive(gate: Gate, tier: str, errors: list) -> None:
             es = torch.empty((), dtype=dt).element_size()
             acc = torch.float64 if dt == torch.float64 else torch.float32
             odd = sw.odd_modes is None or mode in sw.odd_modes
-            ns = sw.ns + (sw.odd_ns if odd else [])
+            odd_n = odd if sw.odd_ns_modes is None else mode in sw.odd_ns_modes
+            ns = sw.ns + (sw.odd_ns if odd_n else [])
             layouts = sw.layouts + (sw.odd_layouts if odd else [])
             for est in sw.estimators:
                 # Layouts only change the first pass (its kernel does not depend on the estimator).
