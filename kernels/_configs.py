@@ -79,8 +79,9 @@ def gram_fwd_configs() -> list[triton.Config]:
     """``_gram_fwd_kernel``: BLOCK_K (features per iteration), warps, stages; most preferred first."""
     if interpreting():
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # The whole register file: without a budget ptxas caps some (fp64) variants at 128 and spills.
     return [
-        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s, maxnreg=255)
         for bk, s in ((32, 3), (32, 4), (64, 3), (16, 4))
         for w in (8, 4)
     ]
@@ -177,7 +178,15 @@ def matrix_smem(block_a: int, block_b: int, block_k: int, stages: int, esize: in
 def prune_matrix(configs, named_args, **kwargs):
     esize = named_args["a_ptr"].element_size()
     ba, bb = kwargs["BLOCK_A"], kwargs["BLOCK_B"]
-    return _fits(configs, lambda c: (matrix_smem(ba, bb, c.kwargs["BLOCK_K"], c.num_stages, esize), True))
+    # FMA-unit dots (IEEE fp32, fp64) hold their operands in registers: 128-wide steps spill on sm_80.
+    widest = 64 if _fma_dot(kwargs) else 128
+    return _fits(
+        configs,
+        lambda c: (
+            matrix_smem(ba, bb, c.kwargs["BLOCK_K"], c.num_stages, esize),
+            c.kwargs["BLOCK_K"] <= widest,
+        ),
+    )
 
 
 MATRIX_GRANULE = 256  # chunk boundaries of the flattened n*n axis: a multiple of every BLOCK_K
@@ -250,14 +259,14 @@ def grad_blocks(n: int, fma: bool = False, vector: bool = True) -> tuple[int, in
 
     ``fma``: the dot runs on the FMA units (fp64, or fp32 at IEEE precision): 64 x 64 tiles.
     ``vector``: x is 16-byte aligned and row-major and n a multiple of 16. Without vector loads the
-    feature tile halves (scalar-load x tiles spill at full width on the FMA units, and on sm_80's
-    tensor cores).
+    feature tile halves (scalar-load tiles spill at full width: x on the FMA units, and x or three
+    or more C's on the tensor cores).
     """
     if interpreting():
         return (16 if n <= 16 else 32), 32
     if fma:
         return 64, (64 if vector else 32)
-    return (64 if n <= 64 else 128), (128 if (vector or target_arch() >= 90) else 64)
+    return (64 if n <= 64 else 128), (128 if vector else 64)
 
 
 GRAD_SLOTS = 4
