@@ -79,9 +79,11 @@ def gram_fwd_configs() -> list[triton.Config]:
     """``_gram_fwd_kernel``: BLOCK_K (features per iteration), warps, stages; most preferred first."""
     if interpreting():
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    # The whole register file: without a budget ptxas caps some (fp64) variants at 128 and spills.
+    # fp64 variants get the whole register file (without a budget ptxas caps some at 128 registers
+    # and spills); the others do better without one (with it some IEEE fp32 variants spill).
     return [
-        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s, maxnreg=255)
+        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s, maxnreg=reg)
+        for reg in (None, 255)
         for bk, s in ((32, 3), (32, 4), (64, 3), (16, 4))
         for w in (8, 4)
     ]
@@ -108,6 +110,7 @@ def prune_gram_fwd(configs, named_args, **kwargs):
     bm = kwargs["BLOCK_M"]
     esize = named_args["x_ref_ptr"].element_size()
     warps = _acc_warps(bm, bm, kwargs["ACC"])
+    fp64 = kwargs["ACC"].primitive_bitwidth == 64
     hopper = target_arch() >= 90
     vector = kwargs["ALIGNED"] and kwargs["LAYOUT"] == 0
     # Feature steps per iteration, as the compile gate found them spill-free: 64 with row-major
@@ -119,7 +122,7 @@ def prune_gram_fwd(configs, named_args, **kwargs):
         configs,
         lambda c: (
             gram_fwd_smem(bm, c.kwargs["BLOCK_K"], c.num_stages, esize),
-            c.num_warps == warps and c.kwargs["BLOCK_K"] <= widest,
+            c.num_warps == warps and c.kwargs["BLOCK_K"] <= widest and (c.maxnreg is not None) == fp64,
         ),
     )
 
