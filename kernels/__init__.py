@@ -25,8 +25,16 @@ Launchers (host functions) and the public op each one mirrors:
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors.
 """
 
-from .backward import grad_x
-from .cka import cka_matrix, cka_pairs, hsic_matrix, hsic_pairs
+from .backward import cka_pairs_bwd, grad_x
+from .cka import cka_matrix_fwd, cka_pairs_fwd, hsic_matrix, hsic_pairs
 from .gram import gram_fwd
 
-__all__ = ["gram_fwd", "hsic_pairs", "hsic_matrix", "cka_pairs", "cka_matrix", "grad_x"]
+__all__ = [
+    "gram_fwd",
+    "hsic_pairs",
+    "hsic_matrix",
+    "cka_pairs_fwd",
+    "cka_matrix_fwd",
+    "cka_pairs_bwd",
+    "grad_x",
+]

@@ -6,8 +6,9 @@ Naming scheme (STYLE.md section 7.2), used in every file of ``kernels/``:
   passes of one op); launchers ``<op>_fwd`` / ``<op>_bwd`` or the op name the caller uses;
 * pointers ``<tensor>_ptr``; strides ``stride_<tensor><dim>`` with dims m (rows / examples),
   k (features), or 0/1/2 for stacked matrices;
-* constexprs in CAPS; locals ``pid_*`` (program ids), ``offs_*`` (int64 offsets), ``mask_*``,
-  ``acc_*`` (accumulators);
+* constexprs in CAPS; locals ``pid_*`` (program ids), ``offs_*`` / ``off_*`` (in-tile offsets:
+  int32 relative to an int64 per-program base pointer, int64 where the host found a tile could
+  overflow int32), ``mask_*``, ``acc_*`` (accumulators);
 * argument order: outputs, inputs, strides, sizes, runtime scalars, constexprs.
 """
 
@@ -43,9 +44,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def input_precision(dtype: torch.dtype) -> str:
     """Explicit ``tl.dot`` precision for operands of ``dtype``.
 
-    fp32 operands: ``"ieee"`` when ``torch.get_float32_matmul_precision() == "highest"``, else
-    ``"tf32"`` (the GPU default would be TF32 silently; the interpreter is always exact).
-    Other dtypes ignore the flag; ``"ieee"`` is passed.
+    fp32 operands: ``"ieee"`` when ``torch.get_float32_matmul_precision() == "highest"`` (torch's
+    meaning of "highest", and what the CKA error <= 1e-5 contract is stated for), else ``"tf32"``
+    (the GPU default would be TF32 silently; the interpreter is always exact). ``tf32x3`` is not
+    used: see kernels/README.md ("Precision"). Other dtypes ignore the flag; ``"ieee"`` is passed.
     """
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
@@ -115,26 +117,92 @@ def device_table(values, dtype: torch.dtype, device: torch.device, key=None) -> 
     return t
 
 
+def aligned_2d(x: torch.Tensor) -> bool:
+    """16-byte vector loads are possible along the unit-stride dimension of the (n, d) matrix ``x``:
+    16-byte aligned data pointer, a row (or column) stride and an extent along that dimension that
+    are multiples of 16 bytes. The kernels promise the compiler this alignment (``tl.multiple_of``)
+    only when the host checked it here."""
+    vec = 16 // x.element_size()
+    if x.data_ptr() % 16:
+        return False
+    n, d = x.shape
+    if x.stride(1) == 1 or d == 1:
+        return d % vec == 0 and (x.stride(0) % vec == 0 or n == 1)
+    if x.stride(0) == 1 or n == 1:
+        return n % vec == 0 and x.stride(1) % vec == 0
+    return False
+
+
+def layout_2d(x: torch.Tensor) -> int:
+    """Memory layout class of an (n, d) matrix: 0 row-major (unit feature stride), 1 column-major
+    (unit example stride, e.g. the transpose of a (d, n) tensor), 2 anything else."""
+    n, d = x.shape
+    if x.stride(1) == 1 or d == 1:
+        return 0
+    if x.stride(0) == 1 or n == 1:
+        return 1
+    return 2
+
+
+# Largest in-tile element offset the kernels compute in int32 (tile offsets relative to an int64
+# per-program base); a launch whose tile offsets could exceed it uses int64 offsets instead.
+INT32_SAFE = 2**31 - 1
+
+
+def needs_int64(rows: int, stride_rows: int, cols: int, stride_cols: int) -> bool:
+    """Whether a (rows, cols) tile's offsets ``r * stride_rows + c * stride_cols`` can overflow int32."""
+    return (rows - 1) * abs(stride_rows) + (cols - 1) * abs(stride_cols) > INT32_SAFE
+
+
+_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters for the "last program reduces" pattern, one buffer per (device, stream).
+
+    A kernel that uses them leaves them at 0 again (its last program resets what it counted), so the
+    buffer is zeroed once, at first use, and never again: no per-call fill, nothing to synchronise,
+    and a CUDA-graph replay finds them at 0 too. Kernels on one stream run one after another, so one
+    buffer per stream is never used by two kernels at the same time.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(
+            max(size, 1024 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device
+        )
+        _COUNTERS[key] = buf
+    return buf
+
+
 @triton.jit
-def _column_shift(
-    x_ptr,
-    col_offs,
-    mask_k,
-    stride_xm,
-    n_shift,
-    SHIFT_ROWS: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _cast(v, DT: tl.constexpr):
+    """``v`` (an integer scalar, or a literal the launch specialised to a constant) as a ``DT`` scalar."""
+    return (v * tl.full((), 1, DT)).to(DT)
+
+
+@triton.jit
+def _column_shift(ptr, offs, mask, n_shift, ACC: tl.constexpr):
     """Per-column shift: the mean of the first ``n_shift = min(n, SHIFT_ROWS)`` rows.
 
-    x_ptr: base of an (n, d) matrix; col_offs: (BLOCK,) int64 column offsets (already times the
-    column stride); mask_k: (BLOCK,) valid columns. Returns (BLOCK,) in ACC (0 on masked columns).
+    ptr: scalar pointer to element (0, first column) of the block; offs: (SHIFT_ROWS, BLOCK) element
+    offsets of rows 0..SHIFT_ROWS-1 of the block's columns; mask: (SHIFT_ROWS, BLOCK) valid rows and
+    columns. Returns (BLOCK,) in ACC (0 on masked columns).
     """
-    offs_s = tl.arange(0, SHIFT_ROWS).to(tl.int64)
-    mask_s = offs_s < n_shift
-    xs = tl.load(
-        x_ptr + offs_s[:, None] * stride_xm + col_offs[None, :],
-        mask=mask_s[:, None] & mask_k[None, :],
-        other=0.0,
-    ).to(ACC)  # (SHIFT_ROWS, BLOCK)
+    xs = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)  # (SHIFT_ROWS, BLOCK)
     return tl.sum(xs, axis=0) / n_shift
+
+
+@triton.jit
+def _arrive(cnt_ptr, expected):
+    """Count this program in at ``cnt_ptr``; True in the program that arrives last of ``expected``.
+
+    The partial results a program stored before arriving are visible to the last one: the barrier
+    orders the whole program's stores before the counting thread's release, and its acquire (read
+    by the last program) orders them before that program's reads (use ``cache_modifier=".cg"``
+    there, so no stale L1 line is read). The last program must reset the counter to 0.
+    """
+    tl.debug_barrier()
+    prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    return prev == expected - 1

@@ -1,15 +1,23 @@
-"""Analytic CKA backward for one target layer: ``dX = scale * (sum_k w_k C_k) X^``.
+"""Analytic CKA backward: ``dX_a = scale_a * (sum_k w_k C_k) X^_a`` for one or many target layers.
 
-DESIGN.md section 2: with ``G_a = sum_b W[a, b] C_b`` (the pair weights of the caller's
-``pair_weights``, already divided by N) the gradient of a target layer is
-``dX_a = (2 / s_a) G_a X^_a``, where ``X^ = x - shift`` is the same shifted input as the forward
-(the shift is the mean of the first min(n, 32) rows). ``G_a 1 = 0`` for both estimators, so the
-centring adjoint vanishes and the shift's value is immaterial; it is applied so the GEMM sees
-small numbers. G is never materialised: the weighted combination of the (few) C's happens on the
-GEMM's A-operand load. Guide layers get no call at all.
+DESIGN.md section 2: for a target layer a, with g_p the upstream gradient of pair p and h the
+self-HSICs, ``alpha_p = g_p / (sqrt(h_i) sqrt(h_j))`` and ``beta_a = sum_p g_p CKA_p / h_a`` over
+its pairs; ``G_a = (sum_p alpha_p C_b - beta_a C_a) / N`` and ``dX_a = (2 / s_a) G_a X^_a``, where
+``X^ = x - shift`` is the same shifted input as the forward (the shift is the mean of the first
+min(n, 32) rows). ``G_a 1 = 0`` for both estimators, so the centring adjoint vanishes and the
+shift's value is immaterial; it is applied so the GEMM sees small numbers. G is never stored: the
+weighted combination of the C's happens on the GEMM's A-operand load, NUM_C matrices per pass of
+the inner loop (more in further passes). Guide layers get no work at all.
+
+* :func:`cka_pairs_bwd` -- every target layer of a pair list in ONE launch; the weights
+  (alpha, beta, masks for degenerate layers, 1/N, 2/s) are computed inside the kernel from the
+  forward's outputs and the upstream gradient.
+* :func:`grad_x` -- one layer with explicit C matrices and weights (the same kernel).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -17,46 +25,134 @@ import triton.language as tl
 
 from ._common import (
     SHIFT_ROWS,
+    _cast,
     _column_shift,
     acc_dtype,
+    aligned_2d,
     check_float,
+    device_table,
     input_precision,
+    layout_2d,
+    needs_int64,
     on_input_device,
     pow2_bucket,
     tl_dtype,
 )
-from ._configs import grad_x_blocks, grad_x_configs
+from ._configs import GRAD_SLOTS, grad_blocks, grad_configs, prune_grad
+from .cka import _check_pair, _check_self, _check_stack, _norm, _resolve, _self_hsic, check_pairs, pair_index
 
-# C matrices fused into one launch; more are folded into one extra operand with torch.
-MAX_FUSED_C = 4
+_ALPHA, _BETA = 0, 1  # contribution kinds: partner term alpha_p C_b, self term -g_p CKA_p / h_a C_a
+_LAYER_COLS = 8  # x pointer, stride_xm, stride_xk, d, dx offset, first slot, slots, global layer
+_SLOT_COLS = 5  # C pointer or layer index, first contribution or weight index, contributions, strides
 
 
-@triton.autotune(configs=grad_x_configs(), key=["N_BUCKET", "D_BUCKET", "NUM_C"])
-@triton.jit(do_not_specialize=["n", "d", "n_shift"])
-def _grad_x_bwd_kernel(
+@triton.jit
+def _slot(
+    k, end, a, row_c, n, offs_r, offs_jj,
+    slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20,
+    g_ptr, cka_ptr, pi_ptr, pj_ptr, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2,
+    PAIRS: tl.constexpr, TWO_STACKS: tl.constexpr, C_FLAT: tl.constexpr, C_ALIGNED: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """Slot ``k`` of a layer whose slots end at ``end``: (weight, pointer to its C's row block
+    ``row_c``, the (BLOCK_M, BLOCK_J) offsets of a tile of it, its column stride, present).
+
+    PAIRS: the slot is a layer of the stack space and its weight is the sum of its contributions
+    (alpha_p or -g_p CKA_p / h_a, 0 where a layer of pair p is degenerate). Otherwise the slot
+    holds a C pointer, its strides and the index of its weight in ``w_ptr``.
+    """
+    present = k < end
+    row = slot_ptr + tl.minimum(k, end - 1) * 5
+    ref = tl.load(row)
+    stride_cm = tl.load(row + 3)
+    stride_ck = tl.load(row + 4)
+    if PAIRS:
+        c_ptr, _ = _resolve(ref, L1, L2, c1_ptr, c2_ptr, stride_c10, stride_c20, TWO_STACKS)
+        h_a, ok_a = _self_hsic(a, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
+        h_a = tl.where(ok_a, h_a.to(ACC), 1.0)
+        c0 = tl.load(row + 1)
+        w = tl.zeros((), dtype=ACC)
+        for c in range(c0, c0 + tl.load(row + 2)):
+            p = tl.load(con_ptr + c * 2)
+            kind = tl.load(con_ptr + c * 2 + 1)
+            gi = tl.load(pi_ptr + p).to(tl.int64)
+            gj = tl.load(pj_ptr + p).to(tl.int64)
+            h_i, ok_i = _self_hsic(gi, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
+            h_j, ok_j = _self_hsic(gj, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
+            g = tl.load(g_ptr + p).to(ACC)
+            r_i = tl.sqrt(tl.where(ok_i, h_i.to(ACC), 1.0))
+            alpha = g / (r_i * tl.sqrt(tl.where(ok_j, h_j.to(ACC), 1.0)))
+            beta = g * tl.load(cka_ptr + p).to(ACC) / h_a
+            term = tl.where(kind == 0, alpha, -beta)
+            w += tl.where((ok_i & ok_j) != 0, term, 0.0)
+    else:
+        c_ptr = ref.to(tl.pointer_type(c1_ptr.dtype.element_ty))
+        w = tl.load(w_ptr + tl.load(row + 1)).to(ACC)
+    if C_ALIGNED:
+        c_ptr = tl.multiple_of(c_ptr, 16)
+    if C_FLAT:
+        c_ptr = c_ptr + row_c * n
+        off_c = offs_r[:, None] * n + offs_jj[None, :]  # (BLOCK_M, BLOCK_J), < BLOCK_M * n (int32)
+    else:
+        c_ptr = c_ptr + row_c * stride_cm
+        off_c = offs_r.to(tl.int64)[:, None] * stride_cm + offs_jj.to(tl.int64)[None, :] * stride_ck
+    return tl.where(present, w, 0.0), c_ptr, off_c, stride_ck, present
+
+
+@triton.jit
+def _g_tile(c_ptr, stride_ck, off_c, mask_g, present, j, C_FLAT: tl.constexpr, ACC: tl.constexpr):
+    """One (BLOCK_M, BLOCK_J) tile of a C (row block base ``c_ptr``), columns from ``j``; 0 where
+    masked or absent."""
+    if C_FLAT:
+        ptr = c_ptr + j
+    else:
+        ptr = c_ptr + _cast(j, tl.int64) * stride_ck
+    return tl.load(ptr + off_c, mask=(mask_g & present) != 0, other=0.0).to(ACC)
+
+
+@triton.autotune(
+    configs=grad_configs(),
+    key=[
+        "N_BUCKET",
+        "D_BUCKET",
+        "NUM_C",
+        "BLOCK_M",
+        "BLOCK_N",
+        "LAYOUT",
+        "ALIGNED",
+        "N16",
+        "INPUT_PRECISION",
+    ],
+    prune_configs_by={"early_config_prune": prune_grad},
+)
+@triton.jit(do_not_specialize=["L1", "L2", "inv_norm", "N_BUCKET", "D_BUCKET"])
+def _cka_pairs_bwd_kernel(
     dx_ptr,
-    x_ptr,
-    c0_ptr,
+    x_ref_ptr,
     c1_ptr,
     c2_ptr,
-    c3_ptr,
+    lay_ptr,
+    prog_ptr,
+    slot_ptr,
+    con_ptr,
     w_ptr,
     scale_ptr,
-    stride_dxm,
-    stride_dxk,
-    stride_xm,
-    stride_xk,
-    stride_c0m,
-    stride_c0k,
-    stride_c1m,
-    stride_c1k,
-    stride_c2m,
-    stride_c2k,
-    stride_c3m,
-    stride_c3k,
+    g_ptr,
+    cka_ptr,
+    pi_ptr,
+    pj_ptr,
+    h1_ptr,
+    h2_ptr,
+    ok1_ptr,
+    ok2_ptr,
+    s_ptr,
+    stride_c10,
+    stride_c20,
     n,
-    d,
     n_shift,
+    L1,
+    L2,
+    inv_norm,
     N_BUCKET,
     D_BUCKET,
     NUM_C: tl.constexpr,
@@ -64,66 +160,242 @@ def _grad_x_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
     SHIFT_ROWS: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    N16: tl.constexpr,
+    PAIRS: tl.constexpr,
+    TWO_STACKS: tl.constexpr,
+    C_FLAT: tl.constexpr,
+    C_ALIGNED: tl.constexpr,
+    IDX: tl.constexpr,
     ACC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """``dX[I, F] = scale * sum_j (sum_k w_k C_k[I, j]) X^[j, F]`` with ``X^ = x - shift``.
+    """``dX_a[I, F] = scale_a * sum_j (sum_k w_k C_k[I, j]) X^_a[j, F]`` for the layers of a group.
 
     Pointers:
-      dx_ptr: (n, d) output in x's dtype; x_ptr: (n, d) input, any strides.
-      c0_ptr .. c3_ptr: (n, n) matrices in ACC (the first NUM_C are used; the rest are dummies).
-      w_ptr: (NUM_C,) weights; scale_ptr: 0-d scale (e.g. 2 / s_a).
-    Grid: (cdiv(d, BLOCK_N), cdiv(n, BLOCK_M)); a program owns a BLOCK_M x BLOCK_N tile of dX and
-    loops over the examples j in BLOCK_J steps. Feature blocks vary fastest, so the programs that
-    share a row block of the C's (BLOCK_M x n each) run together and read it from DRAM once.
-    The shift of its BLOCK_N columns is computed once per program.
+      dx_ptr: flat output buffer in x's dtype; layer a's (n, d_a) row-major gradient starts at its
+        dx offset. x_ref_ptr: the group's first layer (the element-type witness of the x's).
+      c1_ptr (L1, n, n), c2_ptr (L2, n, n): with PAIRS, the stacks of the layer space (flat; B may be
+        absent: TWO_STACKS False); otherwise c1_ptr is only the element-type witness of the C's.
+      lay_ptr: (layers, 8) int64 (``_LAYER_COLS``); prog_ptr: (P, 3) int32 (layer, row block,
+        feature block); slot_ptr: (slots, 5) int64 (``_SLOT_COLS``); con_ptr: (contributions, 2) int32
+        (pair, kind) with PAIRS.
+      PAIRS: g_ptr (P,) upstream gradient of each pair's CKA, cka_ptr (P,) the forward's CKA,
+        pi_ptr/pj_ptr (P,) pair indices, h*/ok* the self-HSICs and flags of the two stacks, s_ptr
+        (L1,) the forward's s; scale_a = 2 / s_a, weights times inv_norm = 1 / N.
+      Otherwise: w_ptr (k,) weights, scale_ptr 0-d scale (the caller's G and scale).
+    Grid: (P,) from the program table; programs of one (layer, row block) are adjacent so the C row
+    blocks (BLOCK_M x n each) they share are read from DRAM about once. The shift of the program's
+    BLOCK_N columns is computed once.
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_m = offs_m < n
-    mask_n = offs_n < d
-    col = offs_n * stride_xk
-    shift = _column_shift(x_ptr, col, mask_n, stride_xm, n_shift, SHIFT_ROWS, ACC)  # (BLOCK_N,)
+    pid = tl.program_id(0)
+    t = tl.load(prog_ptr + pid * 3)
+    mb = tl.load(prog_ptr + pid * 3 + 1)
+    nb = tl.load(prog_ptr + pid * 3 + 2)
+    lay = lay_ptr + t.to(tl.int64) * 8
+    x_ptr = tl.load(lay).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
+    stride_xm = tl.load(lay + 1)
+    stride_xk = tl.load(lay + 2)
+    d = tl.load(lay + 3)
+    dx_off = tl.load(lay + 4)
+    slot0 = tl.load(lay + 5)
+    nslots = tl.load(lay + 6)
+    a = tl.load(lay + 7)
+    # (n itself is specialised by Triton when it is a multiple of 16: then the C rows vectorise.)
+    n_vec = n
+    if ALIGNED:
+        # Host-checked (aligned_2d): 16-byte aligned x, rows (or columns) of VEC elements.
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        dx_off = tl.multiple_of(dx_off, VEC)
+        if LAYOUT == 0:
+            stride_xm = tl.multiple_of(stride_xm, VEC)
+            d = tl.multiple_of(d, VEC)
+        if LAYOUT == 1:
+            stride_xk = tl.multiple_of(stride_xk, VEC)
 
-    w0 = tl.load(w_ptr).to(ACC)
-    if NUM_C > 1:
-        w1 = tl.load(w_ptr + 1).to(ACC)
-    if NUM_C > 2:
-        w2 = tl.load(w_ptr + 2).to(ACC)
-    if NUM_C > 3:
-        w3 = tl.load(w_ptr + 3).to(ACC)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_f = tl.arange(0, BLOCK_N)
+    offs_jj = tl.arange(0, BLOCK_J)
+    offs_s = tl.arange(0, SHIFT_ROWS)
+    mask_m = mb * BLOCK_M + offs_r < n_vec
+    mask_n = nb * BLOCK_N + offs_f < d
+    # x tiles: int32 (IDX) offsets inside the tile from int64 bases.
+    if LAYOUT == 0:
+        stride_xk = 1
+        om = _cast(stride_xm, IDX)
+        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (BLOCK_J, BLOCK_N)
+        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_N)
+    elif LAYOUT == 1:
+        stride_xm = 1
+        okk = _cast(stride_xk, IDX)
+        off_x = offs_jj.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
+    else:
+        om = _cast(stride_xm, IDX)
+        okk = _cast(stride_xk, IDX)
+        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
+    xcol_ptr = x_ptr + (nb * BLOCK_N).to(tl.int64) * stride_xk
+    mask_sh = (offs_s < n_shift)[:, None] & mask_n[None, :]
+    shift = _column_shift(xcol_ptr, off_s, mask_sh, n_shift, ACC)  # (BLOCK_N,)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for j in range(0, n, BLOCK_J):
-        offs_j = j + tl.arange(0, BLOCK_J).to(tl.int64)
-        mask_j = offs_j < n
-        mask_g = mask_m[:, None] & mask_j[None, :]
-        # G tile formed on load: the weighted sum of the C tiles, never stored.
-        g = w0 * tl.load(
-            c0_ptr + offs_m[:, None] * stride_c0m + offs_j[None, :] * stride_c0k, mask=mask_g, other=0.0
-        ).to(ACC)
+    row_c = (mb * BLOCK_M).to(tl.int64)
+    for k0 in range(slot0, slot0 + nslots, NUM_C):
+        end = slot0 + nslots
+        # fmt: off
+        w0, p0, off_c0, sk0, h0 = _slot(
+            k0, end, a, row_c, n_vec, offs_r, offs_jj,
+            slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+            h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 1:
-            g += w1 * tl.load(
-                c1_ptr + offs_m[:, None] * stride_c1m + offs_j[None, :] * stride_c1k, mask=mask_g, other=0.0
-            ).to(ACC)
+            w1, p1, off_c1, sk1, h1 = _slot(
+                k0 + 1, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 2:
-            g += w2 * tl.load(
-                c2_ptr + offs_m[:, None] * stride_c2m + offs_j[None, :] * stride_c2k, mask=mask_g, other=0.0
-            ).to(ACC)
+            w2, p2, off_c2, sk2, h2 = _slot(
+                k0 + 2, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 3:
-            g += w3 * tl.load(
-                c3_ptr + offs_m[:, None] * stride_c3m + offs_j[None, :] * stride_c3k, mask=mask_g, other=0.0
-            ).to(ACC)
-        g = tl.where(mask_g, g, 0.0)  # (BLOCK_M, BLOCK_J)
-        mask_x = mask_j[:, None] & mask_n[None, :]
-        xh = tl.load(x_ptr + offs_j[:, None] * stride_xm + col[None, :], mask=mask_x, other=0.0).to(ACC)
-        xh = tl.where(mask_x, xh - shift[None, :], 0.0)  # (BLOCK_J, BLOCK_N)
-        acc = tl.dot(g, xh, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
-    scale = tl.load(scale_ptr).to(ACC)
-    out = dx_ptr + offs_m[:, None] * stride_dxm + offs_n[None, :] * stride_dxk
-    tl.store(out, (acc * scale).to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            w3, p3, off_c3, sk3, h3 = _slot(
+                k0 + 3, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
+        # fmt: on
+        for j in range(0, n, BLOCK_J):
+            mask_j = j + offs_jj < n_vec
+            mask_g = mask_m[:, None] & mask_j[None, :]
+            # G tile formed on load: the weighted sum of the C tiles, never stored.
+            g = w0 * _g_tile(p0, sk0, off_c0, mask_g, h0, j, C_FLAT, ACC)  # (BLOCK_M, BLOCK_J)
+            if NUM_C > 1:
+                g += w1 * _g_tile(p1, sk1, off_c1, mask_g, h1, j, C_FLAT, ACC)
+            if NUM_C > 2:
+                g += w2 * _g_tile(p2, sk2, off_c2, mask_g, h2, j, C_FLAT, ACC)
+            if NUM_C > 3:
+                g += w3 * _g_tile(p3, sk3, off_c3, mask_g, h3, j, C_FLAT, ACC)
+            mask_x = mask_j[:, None] & mask_n[None, :]
+            xh = tl.load(xcol_ptr + _cast(j, tl.int64) * stride_xm + off_x, mask=mask_x, other=0.0).to(ACC)
+            xh = tl.where(mask_x, xh - shift[None, :], 0.0)  # (BLOCK_J, BLOCK_N)
+            acc = tl.dot(g, xh, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    if PAIRS:
+        s_a = tl.load(s_ptr + tl.minimum(a, L1 - 1)).to(ACC)
+        scale = 2.0 * inv_norm / s_a
+    else:
+        scale = tl.load(scale_ptr).to(ACC)
+    # A layer without pairs gets an exact 0 (also when its s is NaN).
+    out = tl.where(nslots > 0, acc * scale, 0.0)
+    dx_tile = dx_ptr + dx_off + (mb * BLOCK_M).to(tl.int64) * d + nb * BLOCK_N
+    off_o = offs_r.to(IDX)[:, None] * _cast(d, IDX) + offs_f.to(IDX)[None, :]  # (BLOCK_M, BLOCK_N)
+    tl.store(dx_tile + off_o, out.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow the matmul precision; 16-bit inputs always use TF32 for the fp32 G and X^
+    (their gradient is rounded to 8 or 11 bits anyway, and fp16 operands would flush the ~1e-5
+    magnitudes of G = W C / N to subnormals); fp64 stays IEEE."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    return input_precision(dtype)
+
+
+def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_args, two, pairs, inv_norm):
+    """Launch the backward kernel once per (dtype, layout, alignment, offset width) group of the
+    target layers ``xs``; returns their gradients (views of one flat buffer per group).
+
+    metas: per layer (first slot, number of slots, global layer index).
+    """
+    n = xs[0].shape[0]
+    device = xs[0].device
+    acc = acc_dtype(xs[0].dtype)
+    max_bj = max(c.kwargs["BLOCK_J"] for c in grad_configs())
+    slot_t = device_table(slot_rows, torch.int64, device) if slot_rows else None
+    con_t = device_table(con_rows, torch.int32, device) if con_rows else None
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        # Largest tiles any config uses (128 x 128, max BLOCK_J rows): int32 offsets if they fit.
+        idx64 = needs_int64(max(max_bj, SHIFT_ROWS), x.stride(0), 128, x.stride(1)) or needs_int64(
+            128, x.shape[1], 128, 1
+        )
+        groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), idx64), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    for (dtype, layout, aligned, idx64), idx in groups.items():
+        vector = aligned and layout == 0 and n % 16 == 0
+        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", vector)
+        buf = torch.empty((sum(xs[i].numel() for i in idx),), dtype=dtype, device=device)
+        lay_rows, off = [], 0
+        for i in idx:
+            x = xs[i]
+            d = x.shape[1]
+            lay_rows += [x.data_ptr(), x.stride(0), x.stride(1), d, off, *metas[i]]
+            out[i] = buf[off : off + n * d].view(n, d)
+            off += n * d
+        shapes = tuple(xs[i].shape[1] for i in idx)
+        prog_t = device_table(
+            lambda shapes=shapes, BM=BM, BN=BN: [
+                v
+                for t, d in enumerate(shapes)
+                for mb in range(triton.cdiv(n, BM))
+                for nb in range(triton.cdiv(d, BN))
+                for v in (t, mb, nb)
+            ],
+            torch.int32,
+            device,
+            key=("grad_prog", n, BM, BN, shapes),
+        )
+        num_programs = sum(triton.cdiv(n, BM) * triton.cdiv(d, BN) for d in shapes)
+        lay_t = device_table(lay_rows, torch.int64, device)
+        x0 = xs[idx[0]]
+        _cka_pairs_bwd_kernel[(num_programs,)](
+            buf,
+            x0,
+            c1,
+            c2,
+            lay_t,
+            prog_t,
+            slot_t if slot_t is not None else lay_t,
+            con_t if con_t is not None else prog_t,
+            *mode_args,
+            c1.stride(0) if pairs else 0,
+            c2.stride(0) if pairs else 0,
+            n,
+            min(n, SHIFT_ROWS),
+            c1.shape[0] if pairs else 1,
+            c2.shape[0] if two else 0,
+            inv_norm,
+            pow2_bucket(n),
+            pow2_bucket(max(shapes)),
+            NUM_C=num_c,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            SHIFT_ROWS=SHIFT_ROWS,
+            LAYOUT=layout,
+            ALIGNED=aligned,
+            VEC=16 // x0.element_size(),
+            N16=n % 16 == 0,
+            PAIRS=pairs,
+            TWO_STACKS=two,
+            C_FLAT=c_flat,
+            C_ALIGNED=c_aligned,
+            IDX=tl.int64 if idx64 else tl.int32,
+            ACC=tl_dtype(acc),
+            INPUT_PRECISION=_dot_precision(dtype),
+        )
+    return out
+
+
+def _flat(c: torch.Tensor) -> bool:
+    n = c.shape[-1]
+    return c.stride(-1) == 1 and (c.stride(-2) == n or n == 1)
+
+
+def _check_x(x, name: str) -> None:
+    check_float(x, name)
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (n, d) tensor; got shape {tuple(x.shape)}")
 
 
 @on_input_device
@@ -134,12 +406,10 @@ def grad_x(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, scale: torc
       x: (n, d) activation (float16/bfloat16/float32/float64, any strides).
       Cs: k matrices (n, n) in the accumulation dtype of x (fp64 for fp64, else fp32); any strides.
       w: (k,) weights on x's device (any float dtype); scale: 0-d (or 1-element) tensor.
-    Returns (n, d) in x.dtype (a new contiguous tensor). One launch for k <= 4; for k > 4 the C's
-    after the third are first combined with torch into one extra operand. No host sync.
+    Returns (n, d) in x.dtype (a new contiguous tensor). One launch for any k (the C's are combined
+    4 per pass of the inner loop). No host sync.
     """
-    check_float(x, "x")
-    if x.dim() != 2 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty 2-D (n, d) tensor; got shape {tuple(x.shape)}")
+    _check_x(x, "x")
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     Cs = list(Cs)
@@ -157,43 +427,141 @@ def grad_x(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, scale: torc
         raise ValueError("scale must be a 0-d (one-element) tensor")
     if w.device != x.device or scale.device != x.device:
         raise ValueError(f"w and scale must be on {x.device}")
-    dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if not Cs:
-        return dx.zero_()
-    if len(Cs) > MAX_FUSED_C:
-        k = MAX_FUSED_C - 1
-        rest = torch.stack(Cs[k:]).reshape(len(Cs) - k, n * n)
-        folded = (w[k:].to(acc) @ rest).view(n, n)
-        Cs = Cs[:k] + [folded]
-        w = torch.cat([w[:k].to(acc), torch.ones(1, dtype=acc, device=x.device)])
-    num_c = len(Cs)
-    ptrs = Cs + [Cs[0]] * (MAX_FUSED_C - num_c)
-    BM, BN = grad_x_blocks(n, d, acc == torch.float64)
-    grid = (triton.cdiv(d, BN), triton.cdiv(n, BM))
-    _grad_x_bwd_kernel[grid](
-        dx,
-        x,
-        *ptrs,
-        w,
-        scale,
-        dx.stride(0),
-        dx.stride(1),
-        x.stride(0),
-        x.stride(1),
-        *[s for c in ptrs for s in (c.stride(0), c.stride(1))],
-        n,
-        d,
-        min(n, SHIFT_ROWS),
-        pow2_bucket(n),
-        pow2_bucket(d),
-        NUM_C=num_c,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        SHIFT_ROWS=SHIFT_ROWS,
-        ACC=tl_dtype(acc),
-        INPUT_PRECISION=input_precision(acc),
+        return torch.zeros((n, d), dtype=x.dtype, device=x.device)
+    c_flat = all(_flat(c) for c in Cs)
+    c_aligned = c_flat and all(c.data_ptr() % 16 == 0 for c in Cs) and (n * Cs[0].element_size()) % 16 == 0
+    slot_rows = [v for k, c in enumerate(Cs) for v in (c.data_ptr(), k, 0, c.stride(0), c.stride(1))]
+    num_c = min(GRAD_SLOTS, len(Cs))
+    witness = Cs[0]
+    args = (w, scale.reshape(()), w, w, w, w, w, w, w, w, w)
+    (dx,) = _run(
+        [x],
+        [(0, len(Cs), 0)],
+        slot_rows,
+        None,
+        num_c,
+        witness,
+        witness,
+        c_flat,
+        c_aligned,
+        args,
+        False,
+        False,
+        1.0,
     )
     return dx
 
 
-__all__ = ["grad_x"]
+@on_input_device
+def cka_pairs_bwd(
+    grad: torch.Tensor,
+    cka: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    which: Sequence[int],
+    C: torch.Tensor,
+    s: torch.Tensor,
+    h: torch.Tensor,
+    ok: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    estimator: str,
+    *,
+    C2: torch.Tensor | None = None,
+    h2: torch.Tensor | None = None,
+    ok2: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Gradients of the CKAs of :func:`~fastguide.kernels.cka.cka_pairs_fwd` w.r.t. target layers, in
+    ONE launch (per dtype/layout group of the targets; one for the usual contiguous list).
+
+    Args:
+      grad: (P,) upstream gradient of each pair's CKA; cka: (P,) the forward's CKA.
+      xs: the target activations (n, d_t) to differentiate (any strides, the forward's inputs).
+      which: their indices in the layer space (each < L1: targets belong to the first stack).
+      C, s, h, ok: the first stack (L1, n, n) and its s, h, ok from ``gram_fwd``; C2, h2, ok2: the
+        optional second stack (e.g. the guide's), as in ``cka_pairs_fwd``.
+      pairs: the forward's host-side (i, j) pair list; estimator: its estimator.
+    Returns one (n, d_t) gradient per target, in its dtype (views of one buffer per group). A pair
+    with a degenerate layer contributes exactly 0; a target without pairs gets an exact 0. The
+    weights alpha/beta, 1/N and 2/s are computed in the kernel: no torch op, no host sync.
+    """
+    _check_stack(C, "C")
+    two = C2 is not None
+    if two:
+        _check_pair(C, C2, "C", "C2")
+    L1 = C.shape[0]
+    L2 = C2.shape[0] if two else 0
+    n = C.shape[1]
+    if C.dtype == torch.float16:
+        raise TypeError("C must be float32 or float64 (the stacks of gram_fwd)")
+    acc = C.dtype
+    _check_self(h, ok, L1, acc, C.device, "")
+    if two:
+        _check_self(h2, ok2, L2, acc, C.device, "2")
+    if not isinstance(s, torch.Tensor) or s.shape != (L1,) or s.dtype != acc:
+        raise ValueError(f"s must be a ({L1},) tensor of dtype {acc}")
+    inv = _norm(n, estimator)
+    pairs = check_pairs(pairs, L1 + L2)
+    P = len(pairs)
+    for name, t in (("grad", grad), ("cka", cka)):
+        if not isinstance(t, torch.Tensor) or t.shape != (P,) or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a ({P},) float tensor (one value per pair)")
+        if t.device != C.device:
+            raise ValueError(f"{name} must be on {C.device}; got {t.device}")
+    xs = list(xs)
+    which = [int(a) for a in which]
+    if len(which) != len(xs):
+        raise ValueError(f"which must name one layer per x; got {len(which)} for {len(xs)} tensors")
+    if len(set(which)) != len(which) or any(not 0 <= a < L1 for a in which):
+        raise ValueError(f"which must hold distinct layer indices of the first stack (< {L1}); got {which}")
+    for t, x in enumerate(xs):
+        _check_x(x, f"xs[{t}]")
+        if x.shape[0] != n:
+            raise ValueError(f"xs[{t}] must have n={n} rows (the Grams'); got {x.shape[0]}")
+        if acc_dtype(x.dtype) != acc:
+            raise TypeError(f"xs[{t}] has dtype {x.dtype}; the stacks' accumulation dtype is {acc}")
+        if x.device != C.device:
+            raise ValueError(f"xs[{t}] must be on {C.device}; got {x.device}")
+    if not xs:
+        return []
+    C = C if _flat(C) else C.contiguous()
+    if two:
+        C2 = C2 if _flat(C2) else C2.contiguous()
+    slot_rows, con_rows, metas, num_c = _pair_tables(pairs, which, n)
+    pi, pj = pair_index(pairs, C.device)
+    vec_c = 16 // C.element_size()
+    c_aligned = C.data_ptr() % 16 == 0 and n % vec_c == 0 and (not two or C2.data_ptr() % 16 == 0)
+    args = (grad, grad, grad, cka, pi, pj, h, h2 if two else h, ok, ok2 if two else ok, s)
+    return _run(
+        xs, metas, slot_rows, con_rows, num_c, C, C2 if two else C, True, c_aligned, args, two, True, inv
+    )
+
+
+def _pair_tables(pairs, which, n):
+    """Host tables of :func:`cka_pairs_bwd` (cached by the callers' device_table on content).
+
+    Per target layer a: its slots are [a] + the other layers it is paired with (first appearance
+    order); a slot's contributions are (pair, alpha) for the partner side and (pair, beta) for the
+    self term, once per side a appears on (a self pair counts both sides).
+    """
+    slot_rows, con_rows, metas = [], [], []
+    widest = 1
+    for a in which:
+        slots: dict[int, list[tuple[int, int]]] = {a: []}
+        for p, (i, j) in enumerate(pairs):
+            for me, other in ((i, j), (j, i)):
+                if me == a:
+                    slots.setdefault(other, []).append((p, _ALPHA))
+                    slots[a].append((p, _BETA))
+        if len(slots) == 1 and not slots[a]:
+            metas.append((len(slot_rows) // _SLOT_COLS, 0, a))
+            continue
+        metas.append((len(slot_rows) // _SLOT_COLS, len(slots), a))
+        widest = max(widest, len(slots))
+        for b, cons in slots.items():
+            slot_rows += [b, len(con_rows) // 2, len(cons), n, 1]
+            for p, kind in cons:
+                con_rows += [p, kind]
+    return slot_rows, con_rows, metas, min(GRAD_SLOTS, widest)
+
+
+__all__ = ["grad_x", "cka_pairs_bwd"]

@@ -1,7 +1,7 @@
 """Fused centred Gram matrices of many layers: shift on load, symmetric tiles, centring epilogue.
 
-Per layer ``x`` of shape (n, d) (DESIGN.md section 2, same algorithm as
-``fastguide._torch_backend.layer_gram_stats``):
+Per layer ``x`` of shape (n, d) (DESIGN.md section 2, same algorithm as the torch backend's
+``gram_fwd``):
 
 * ``X^ = x - shift`` with ``shift`` the mean of the first ``min(n, 32)`` rows (subtracted on load);
 * ``K = X^ X^T`` (upper-triangle tiles only; fp32 accumulate, fp64 for fp64 inputs);
@@ -13,8 +13,8 @@ Per layer ``x`` of shape (n, d) (DESIGN.md section 2, same algorithm as
   ``U_ij = K_ij - (r~_i + r~_j) / (n - 2) + tot~ / ((n - 1)(n - 2))`` off the diagonal, 0 on it;
 * ``h = <C, C>_F / N`` (N = n(n-3) unbiased, (n-1)^2 biased); ``ok &= ~(h <= 0)``.
 
-Three passes, each one launch for all layers (the first one launch per dtype/contiguity group),
-plus a one-program-per-layer finish (h, final ok, sig):
+Three passes, each one launch for all layers (the first one launch per dtype/layout/alignment
+group), plus a one-program-per-layer finish (h, final ok, sig):
 
 1. ``_gram_fwd_kernel``: one program per (layer, upper tile (ti, tj), feature split). Reads its
    rows of x once per tile (shift on load), writes the upper tile of K (split partials to a side
@@ -22,9 +22,9 @@ plus a one-program-per-layer finish (h, final ok, sig):
    raw-norm threshold partial -- O(n) values per tile, so no later pass re-reads K for them.
 2. ``_gram_rowsum_kernel``: one program per (row block, layer); sums those partials into r, a and
    per-block partials of tr and tot (reads O(S * T * n) values, not n^2).
-3. ``_gram_center_kernel``: one program per (upper tile, layer); t, ok, s from the partials, then
-   sums the split partials of the tile, centres it, divides by s and writes C in place of K, tile
-   and mirror, plus the tile's share of <C, C>.
+3. ``_gram_center_kernel``: one program per (upper centring tile, layer); t, ok, s from the
+   partials, then sums the split partials of the tile, centres it, divides by s and writes C in
+   place of K, tile and mirror, plus the tile's share of <C, C>.
 
 K traffic: written once (upper half), read once (upper half), C written once (full).
 No host synchronisation: every table is built from shapes, strides and data pointers and cached.
@@ -38,33 +38,42 @@ import triton.language as tl
 
 from ._common import (
     SHIFT_ROWS,
+    _cast,
     _column_shift,
     acc_dtype,
+    aligned_2d,
     check_float,
     device_table,
     input_precision,
+    layout_2d,
+    needs_int64,
     on_input_device,
     pow2_bucket,
     tl_dtype,
 )
 from ._configs import (
+    GRAM_GRANULE,
     GRAM_MIN_CHUNK,
     gram_block_m,
-    gram_center_warps,
+    gram_center_block,
     gram_fwd_configs,
     gram_rowsum_block,
     gram_split_target,
     interpreting,
+    prune_gram_fwd,
 )
 
-# Columns of the per-program table of _gram_fwd_kernel.
-_PROG_COLS = 8  # local layer, global layer, ti, tj, k0, k1, ext slot (-1: main), split id
-# Columns of the per-layer table of the epilogue passes.
-_LAYER_COLS = 3  # first extra slot, number of splits, first split id
+# Columns of the per-program table of _gram_fwd_kernel: local layer, ti, tj, feature range
+# [k0, k1), destination buffer (0: K, 1: split partials KX), index in that buffer, split slot.
+_PROG_COLS = 8
 
 
-@triton.autotune(configs=gram_fwd_configs(), key=["N_BUCKET", "D_BUCKET"])
-@triton.jit(do_not_specialize=["n", "n_shift", "num_tiles", "thr_coef"])
+@triton.autotune(
+    configs=gram_fwd_configs(),
+    key=["N_BUCKET", "D_BUCKET", "BLOCK_M", "LAYOUT", "ALIGNED", "DOT_LOW", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_gram_fwd},
+)
+@triton.jit(do_not_specialize=["num_tiles", "thr_coef", "N_BUCKET", "D_BUCKET"])
 def _gram_fwd_kernel(
     k_ptr,
     kx_ptr,
@@ -75,8 +84,6 @@ def _gram_fwd_kernel(
     xp_ptr,
     xs_ptr,
     prog_ptr,
-    stride_xm_ref,
-    stride_xk_ref,
     n,
     n_shift,
     num_tiles,
@@ -86,8 +93,10 @@ def _gram_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SHIFT_ROWS: tl.constexpr,
-    X_UNIT_K: tl.constexpr,
-    DIRECT: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    IDX: tl.constexpr,
     ACC: tl.constexpr,
     DOT_LOW: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -106,58 +115,84 @@ def _gram_fwd_kernel(
       dp_ptr: (slots, n) diagonal partials (diagonal tiles).
       thr_ptr: (slots, num_tiles) threshold partials ``(4 eps)^2 sum x^2`` of the raw input over the
         rows of tile ti and the split's features (diagonal tiles).
-      x_ref_ptr: the group's first layer, (n, d_0) with strides (stride_xm_ref, stride_xk_ref); with
-        DIRECT (a one-layer group, e.g. a guide hook) it is the input itself, so strides and
-        alignment specialise; otherwise only its element type is used (the pointer witness).
+      x_ref_ptr: the group's first layer: only its element type is used (the pointer witness).
       xp_ptr: (G,) int64 data pointers of the group's layers, each an (n, d_g) matrix.
       xs_ptr: (G, 2) int64 strides (row, feature) of those layers.
-      prog_ptr: (P, 8) int32 program table: local layer, global layer, ti, tj (ti <= tj), feature
-        range [k0, k1), extra slot (-1: k_ptr), slot (split id: row of rp/dp/thr).
+      prog_ptr: (P, 8) int32 program table (see ``_PROG_COLS``).
+    Constexprs: LAYOUT 0 row-major / 1 column-major / 2 general strides (every layer of the group);
+      ALIGNED: the host checked 16-byte alignment (``aligned_2d``) of every layer (VEC elements
+      per 16 bytes); IDX: int32 in-tile
+      offsets, or int64 where the host found they could overflow.
     Grid: (P,), one program per (layer, upper-triangle tile, feature split).
     """
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     row = prog_ptr + pid * 8
-    layer = tl.load(row + 0).to(tl.int64)
-    glayer = tl.load(row + 1).to(tl.int64)
-    ti = tl.load(row + 2).to(tl.int64)
-    tj = tl.load(row + 3).to(tl.int64)
-    k0 = tl.load(row + 4)
-    k1 = tl.load(row + 5)
-    ext = tl.load(row + 6).to(tl.int64)
+    layer = tl.load(row + 0)
+    ti = tl.load(row + 1)
+    tj = tl.load(row + 2)
+    # Chunk starts are multiples of the feature granule (64); ends too, or the layer's width d.
+    k0 = tl.multiple_of(tl.load(row + 3), 16)
+    k1 = tl.load(row + 4)
+    to_extra = tl.load(row + 5)
+    kslot = tl.load(row + 6).to(tl.int64)
     slot = tl.load(row + 7).to(tl.int64)
 
-    if DIRECT:
-        x_ptr = x_ref_ptr
-        stride_xm = stride_xm_ref
-        stride_xk = stride_xk_ref
+    x_ptr = tl.load(xp_ptr + layer).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
+    stride_xm = tl.load(xs_ptr + layer * 2)
+    stride_xk = tl.load(xs_ptr + layer * 2 + 1)
+    # (n itself is specialised by Triton when it is a multiple of 16: then K's rows vectorise.)
+    n_vec = n
+    if ALIGNED:
+        # Host-checked (aligned_2d): 16-byte aligned pointer, strides and extents of VEC elements.
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        if LAYOUT == 0:
+            stride_xm = tl.multiple_of(stride_xm, VEC)
+            k1 = tl.multiple_of(k1, VEC)
+        if LAYOUT == 1:
+            stride_xk = tl.multiple_of(stride_xk, VEC)
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_K)
+    offs_s = tl.arange(0, SHIFT_ROWS)
+    mask_i = ti * BLOCK_M + offs_r < n_vec
+    mask_j = tj * BLOCK_M + offs_r < n_vec
+    mask_s = offs_s < n_shift
+    # In-tile offsets (IDX: int32 unless the host found they could overflow) relative to int64
+    # per-program bases; a unit stride is a compile-time 1 so the compiler sees the contiguity.
+    if LAYOUT == 0:
+        stride_xk = 1
+        om = _cast(stride_xm, IDX)
+        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (BLOCK_M, BLOCK_K)
+        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_K)
+    elif LAYOUT == 1:
+        stride_xm = 1
+        okk = _cast(stride_xk, IDX)
+        off_t = offs_r.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
     else:
-        x_ptr = tl.load(xp_ptr + layer).to(tl.pointer_type(x_ref_ptr.dtype.element_ty))
-        stride_xm = tl.load(xs_ptr + layer * 2)
-        stride_xk = tl.load(xs_ptr + layer * 2 + 1)
+        om = _cast(stride_xm, IDX)
+        okk = _cast(stride_xk, IDX)
+        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
+    xa_ptr = x_ptr + (ti * BLOCK_M).to(tl.int64) * stride_xm
+    xb_ptr = x_ptr + (tj * BLOCK_M).to(tl.int64) * stride_xm
 
-    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_j = tj * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_i = offs_i < n
-    mask_j = offs_j < n
-
+    off_diag = ti != tj
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC)
     acc_sq = tl.zeros((BLOCK_M,), dtype=ACC)
     for k in range(k0, k1, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < k1
-        if X_UNIT_K:
-            col = offs_k
-        else:
-            col = offs_k * stride_xk
-        shift = _column_shift(x_ptr, col, mask_k, stride_xm, n_shift, SHIFT_ROWS, ACC)  # (BLOCK_K,)
+        col = _cast(k, tl.int64) * stride_xk
+        mask_k = k + offs_c < k1
+        shift = _column_shift(x_ptr + col, off_s, mask_s[:, None] & mask_k[None, :], n_shift, ACC)
         mask_a = mask_i[:, None] & mask_k[None, :]
-        a = tl.load(x_ptr + offs_i[:, None] * stride_xm + col[None, :], mask=mask_a, other=0.0).to(ACC)
+        a = tl.load(xa_ptr + col + off_t, mask=mask_a, other=0.0).to(ACC)  # (BLOCK_M, BLOCK_K)
         acc_sq += tl.sum(a * a, axis=1)
         # Shift on load; masked lanes must stay exactly 0 (else -shift leaks into K).
-        a = tl.where(mask_a, a - shift[None, :], 0.0)  # (BLOCK_M, BLOCK_K)
-        mask_b = mask_j[:, None] & mask_k[None, :]
-        b = tl.load(x_ptr + offs_j[:, None] * stride_xm + col[None, :], mask=mask_b, other=0.0).to(ACC)
-        b = tl.where(mask_b, b - shift[None, :], 0.0)  # (BLOCK_M, BLOCK_K)
+        a = tl.where(mask_a, a - shift[None, :], 0.0)
+        # A diagonal tile's second operand is its first: skip that load (no L2/DRAM traffic).
+        mask_b = (mask_j[:, None] & mask_k[None, :] & off_diag) != 0
+        b = tl.load(xb_ptr + col + off_t, mask=mask_b, other=0.0).to(ACC)
+        b = tl.where(mask_b, b - shift[None, :], tl.where(off_diag, 0.0, a))  # (BLOCK_M, BLOCK_K)
         if DOT_LOW:
             # 16-bit operands on the tensor cores, fp32 accumulation.
             acc = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), acc, out_dtype=ACC)
@@ -165,21 +200,26 @@ def _gram_fwd_kernel(
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     # Masked rows/columns of acc are exactly 0 (zeroed operands), so the sums below are exact.
+    # One store: the destination buffer (K or the split partials) is picked per program.
+    nn = n_vec.to(tl.int64) * n_vec
+    dst = (
+        tl.where(to_extra != 0, kx_ptr, k_ptr)
+        + kslot * nn
+        + (ti * BLOCK_M).to(tl.int64) * n_vec
+        + tj * BLOCK_M
+    )
+    off_o = offs_r[:, None] * n_vec + offs_r[None, :]  # (BLOCK_M, BLOCK_M); n * BLOCK_M < 2**31 (host)
+    tl.store(dst + off_o, acc, mask=mask_i[:, None] & mask_j[None, :])
     # (The `!= 0` keeps masks boolean: the 3.9 interpreter turns `block & scalar` into int32.)
-    nn = n.to(tl.int64) * n
-    mask_ij = mask_i[:, None] & mask_j[None, :]
-    off_ij = offs_i[:, None] * n + offs_j[None, :]
-    tl.store(k_ptr + glayer * nn + off_ij, acc, mask=(mask_ij & (ext < 0)) != 0)
-    tl.store(kx_ptr + tl.maximum(ext, 0) * nn + off_ij, acc, mask=(mask_ij & (ext >= 0)) != 0)
     rp = rp_ptr + slot * num_tiles * n
-    tl.store(rp + tj * n + offs_i, tl.sum(acc, axis=1), mask=mask_i)
-    tl.store(rp + ti * n + offs_j, tl.sum(acc, axis=0), mask=(mask_j & (ti != tj)) != 0)
-    diag = tl.sum(tl.where(offs_i[:, None] == offs_j[None, :], acc, 0.0), axis=1)
-    tl.store(dp_ptr + slot * n + offs_i, diag, mask=(mask_i & (ti == tj)) != 0)
+    tl.store(rp + tj * n + ti * BLOCK_M + offs_r, tl.sum(acc, axis=1), mask=mask_i)
+    tl.store(rp + ti * n + tj * BLOCK_M + offs_r, tl.sum(acc, axis=0), mask=(mask_j & (ti != tj)) != 0)
+    diag = tl.sum(tl.where(offs_r[:, None] == offs_r[None, :], acc, 0.0), axis=1)
+    tl.store(dp_ptr + slot * n + ti * BLOCK_M + offs_r, diag, mask=(mask_i & (ti == tj)) != 0)
     tl.store(thr_ptr + slot * num_tiles + ti, thr_coef * tl.sum(acc_sq, axis=0), mask=ti == tj)
 
 
-@triton.jit(do_not_specialize=["n", "num_rblocks", "num_tiles"])
+@triton.jit(do_not_specialize=["num_rblocks", "num_tiles"])
 def _gram_rowsum_kernel(
     r_ptr,
     dg_ptr,
@@ -202,19 +242,19 @@ def _gram_rowsum_kernel(
         slots are [first, first + S).
     Grid: (cdiv(n, BLOCK_R), L). Reads S * num_tiles * BLOCK_R values per program (no n x n pass).
     """
-    pid_r = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < n
     nsplit = tl.load(lmeta_ptr + layer * 3 + 1)
     slot0 = tl.load(lmeta_ptr + layer * 3 + 2).to(tl.int64)
     acc_r = tl.zeros((BLOCK_R,), dtype=r_ptr.dtype.element_ty)
     acc_d = tl.zeros((BLOCK_R,), dtype=r_ptr.dtype.element_ty)
     for sidx in range(0, nsplit):
-        slot = slot0 + sidx
+        base = rp_ptr + (slot0 + sidx) * num_tiles * n
         for c in range(0, num_tiles):
-            acc_r += tl.load(rp_ptr + (slot * num_tiles + c) * n + offs_r, mask=mask_r, other=0.0)
-        acc_d += tl.load(dp_ptr + slot * n + offs_r, mask=mask_r, other=0.0)
+            acc_r += tl.load(base + c * n + offs_r, mask=mask_r, other=0.0)
+        acc_d += tl.load(dp_ptr + (slot0 + sidx) * n + offs_r, mask=mask_r, other=0.0)
     tl.store(r_ptr + layer * n + offs_r, acc_r, mask=mask_r)
     tl.store(dg_ptr + layer * n + offs_r, acc_d, mask=mask_r)
     tpo = tp_ptr + (layer * num_rblocks + pid_r) * 2
@@ -222,7 +262,7 @@ def _gram_rowsum_kernel(
     tl.store(tpo + 1, tl.sum(acc_d, axis=0))
 
 
-@triton.jit(do_not_specialize=["n", "num_rblocks", "num_tiles", "num_upper"])
+@triton.jit(do_not_specialize=["num_rblocks", "num_tiles", "num_upper"])
 def _gram_center_kernel(
     k_ptr,
     s_ptr,
@@ -239,7 +279,7 @@ def _gram_center_kernel(
     num_rblocks,
     num_tiles,
     num_upper,
-    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HAS_SPLIT: tl.constexpr,
     UNBIASED: tl.constexpr,
@@ -253,17 +293,18 @@ def _gram_center_kernel(
       kx_ptr: (S_x, n, n) upper tiles of the extra split partials, summed in on load.
       r_ptr, dg_ptr: (L, n) row sums and diagonal of K. tp_ptr: (L, num_rblocks, 2) tot/tr partials.
       thr_ptr: (slots, num_tiles) threshold partials. lmeta_ptr: (L, 3) int32 per-layer slots.
-      tiles_ptr: (num_upper, 2) int32 upper-triangle tile coordinates (ti <= tj).
+      tiles_ptr: (num_upper, 2) int32 upper-triangle coordinates (ci <= cj) of BLOCK_C tiles; every
+        such tile lies in an upper BLOCK_M tile of K (BLOCK_C divides BLOCK_M).
     Grid: (num_upper, L); every program recomputes the layer's scalars t, ok, s from the partials
-    (O(num_rblocks + S * num_tiles) loads), then rewrites tile (ti, tj) and its mirror.
+    (O(num_rblocks + S * num_tiles) loads), then rewrites tile (ci, cj) and its mirror.
     """
-    pid_t = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     ACC = k_ptr.dtype.element_ty
-    nn = n.to(tl.int64) * n
     nf = n.to(ACC)
+    nn = n.to(tl.int64) * n
 
-    offs_t = tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
     acc_tot = tl.zeros((BLOCK_T,), dtype=ACC)
     acc_tr = tl.zeros((BLOCK_T,), dtype=ACC)
     for t0 in range(0, num_rblocks, BLOCK_T):
@@ -290,19 +331,23 @@ def _gram_center_kernel(
     tl.store(s_ptr + layer, s, mask=pid_t == 0)
     tl.store(ok_ptr + layer, ok.to(tl.int8), mask=pid_t == 0)
 
-    ti = tl.load(tiles_ptr + pid_t * 2).to(tl.int64)
-    tj = tl.load(tiles_ptr + pid_t * 2 + 1).to(tl.int64)
-    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_j = tj * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    ci = tl.load(tiles_ptr + pid_t * 2)
+    cj = tl.load(tiles_ptr + pid_t * 2 + 1)
+    offs_r = tl.arange(0, BLOCK_C)
+    offs_i = ci * BLOCK_C + offs_r
+    offs_j = cj * BLOCK_C + offs_r
     mask_i = offs_i < n
     mask_j = offs_j < n
     mask = mask_i[:, None] & mask_j[None, :]
-    off_ij = offs_i[:, None] * n + offs_j[None, :]
+    # int32 in-tile offsets (n * BLOCK_C < 2**31, host-checked) from int64 tile bases.
+    off_c = offs_r[:, None] * n + offs_r[None, :]  # (BLOCK_C, BLOCK_C)
+    corner = (ci * BLOCK_C).to(tl.int64) * n + cj * BLOCK_C
+    mirror = (cj * BLOCK_C).to(tl.int64) * n + ci * BLOCK_C
     base = k_ptr + layer * nn
-    kt = tl.load(base + off_ij, mask=mask, other=0.0)  # (BLOCK_M, BLOCK_M)
+    kt = tl.load(base + corner + off_c, mask=mask, other=0.0)  # (BLOCK_C, BLOCK_C)
     if HAS_SPLIT:
         for sidx in range(0, nsplit - 1):
-            kt += tl.load(kx_ptr + (ext0 + sidx) * nn + off_ij, mask=mask, other=0.0)
+            kt += tl.load(kx_ptr + (ext0 + sidx) * nn + corner + off_c, mask=mask, other=0.0)
     r_i = tl.load(r_ptr + layer * n + offs_i, mask=mask_i, other=0.0)
     r_j = tl.load(r_ptr + layer * n + offs_j, mask=mask_j, other=0.0)
     if UNBIASED:
@@ -317,11 +362,10 @@ def _gram_center_kernel(
     if UNBIASED:
         cu = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, cu)
     cu = tl.where(mask, cu / s, 0.0)
-    tl.store(base + off_ij, cu, mask=mask)
+    tl.store(base + corner + off_c, cu, mask=mask)
     # Mirror tile (J, I): C is stored full for the pair and backward kernels.
-    mask_ji = (mask_j[:, None] & mask_i[None, :] & (ti != tj)) != 0
-    tl.store(base + offs_j[:, None] * n + offs_i[None, :], tl.trans(cu), mask=mask_ji)
-    weight = tl.where(ti == tj, 1.0, 2.0)
+    tl.store(base + mirror + off_c, tl.trans(cu), mask=(tl.trans(mask) & (ci != cj)) != 0)
+    weight = tl.where(ci == cj, 1.0, 2.0)
     tl.store(hp_ptr + layer * num_upper + pid_t, weight * tl.sum(tl.sum(cu * cu, axis=1), axis=0))
 
 
@@ -345,7 +389,7 @@ def _gram_finish_kernel(
     """
     layer = tl.program_id(0).to(tl.int64)
     ACC = h_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK_U).to(tl.int64)
+    offs = tl.arange(0, BLOCK_U)
     acc = tl.zeros((BLOCK_U,), dtype=ACC)
     for u0 in range(0, num_upper, BLOCK_U):
         acc += tl.load(hp_ptr + layer * num_upper + u0 + offs, mask=(u0 + offs) < num_upper, other=0.0)
@@ -398,10 +442,10 @@ def _program_table(spec, T: int) -> list[int]:
         for sp in range(s_l):
             k0 = sp * chunk
             k1 = min(d, k0 + chunk)
-            ext = -1 if sp == 0 else e0 + sp - 1
+            dest, index = (0, g) if sp == 0 else (1, e0 + sp - 1)
             for ti in range(T):
                 for tj in range(ti, T):
-                    prog.append((k1 - k0, (local, g, ti, tj, k0, k1, ext, sl0 + sp)))
+                    prog.append((k1 - k0, (local, ti, tj, k0, k1, dest, index, sl0 + sp)))
     prog.sort(key=lambda e: -e[0])
     return [v for _, row in prog for v in row]
 
@@ -425,8 +469,9 @@ def gram_fwd(
         benchmarks; ``None`` picks them from ``kernels/_configs.py``.
 
     Returns (C, s, ok, h, sig): C (L, n, n) in the accumulation dtype (fp64 for fp64 inputs, else
-    fp32), s (L,), ok (L,) bool, h (L,), sig (L,) ones. Launches: one per (dtype, unit feature
-    stride) group of layers, plus three; no host synchronisation.
+    fp32), s (L,), ok (L,) bool, h (L,), sig (L,) ones. Launches: one per (dtype, layout,
+    alignment) group of layers (one for the usual all-contiguous list), plus three; no host
+    synchronisation.
     """
     if estimator not in ("unbiased", "biased"):
         raise ValueError(f"estimator must be 'unbiased' or 'biased'; got {estimator!r}")
@@ -455,9 +500,14 @@ def gram_fwd(
     L = len(xs)
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16; got {block_m}")
-    BM = block_m or gram_block_m(n, acc == torch.float64)
+    fma = acc == torch.float64 or (
+        any(x.dtype == torch.float32 for x in xs) and input_precision(torch.float32) == "ieee"
+    )
+    BM = block_m or gram_block_m(n, fma)
+    if n * BM > 2**31 - 1:
+        raise ValueError(f"n={n} is too large for the Triton Gram kernels (n * {BM} must fit in int32)")
     T = triton.cdiv(n, BM)
-    granule = max(c.kwargs["BLOCK_K"] for c in gram_fwd_configs())
+    granule = GRAM_GRANULE
     ds = [x.shape[1] for x in xs]
     S = _splits(ds, T * (T + 1) // 2, granule, split, n, min(x.element_size() for x in xs))
     chunks = [triton.cdiv(triton.cdiv(d, s), granule) * granule for d, s in zip(ds, S, strict=True)]
@@ -476,23 +526,23 @@ def gram_fwd(
     dp = torch.empty((ns, n), dtype=acc, device=device)
     thr = torch.empty((ns, T), dtype=acc, device=device)
 
+    max_bk = max(c.kwargs["BLOCK_K"] for c in gram_fwd_configs())
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
-        groups.setdefault((x.dtype, x.stride(1) == 1 or x.shape[1] == 1), []).append(i)
-    for (dtype, unit_k), idx in groups.items():
+        tile64 = needs_int64(max(BM, SHIFT_ROWS), x.stride(0), max_bk, x.stride(1))
+        groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), tile64), []).append(i)
+    for (dtype, layout, aligned, tile64), idx in groups.items():
         spec = tuple((g, ds[g], S[g], chunks[g], ext0[g], split0[g]) for g in idx)
         table = device_table(
             lambda spec=spec: _program_table(spec, T), torch.int32, device, key=("gram_fwd", T, spec)
         )
         num_programs = sum(S[g] for g in idx) * (T * (T + 1) // 2)
-        if len(idx) == 1:
-            # DIRECT: the layer is a kernel argument; the tables are not read (placeholders).
-            ptrs = strides = table
-        else:
-            ptrs = device_table([xs[g].data_ptr() for g in idx], torch.int64, device)
-            strides = device_table(
-                [v for g in idx for v in (xs[g].stride(0), xs[g].stride(1))], torch.int64, device
-            )
+        # Pointer and stride tables (cached by content: a training loop's activations come back at
+        # the same addresses, so steady-state calls copy nothing).
+        ptrs = device_table([xs[g].data_ptr() for g in idx], torch.int64, device)
+        strides = device_table(
+            [v for g in idx for v in (xs[g].stride(0), xs[g].stride(1))], torch.int64, device
+        )
         eps = torch.finfo(dtype).eps
         dot_low = _dot_dtype(dtype)
         _gram_fwd_kernel[(num_programs,)](
@@ -505,8 +555,6 @@ def gram_fwd(
             ptrs,
             strides,
             table,
-            xs[idx[0]].stride(0),
-            xs[idx[0]].stride(1),
             n,
             min(n, SHIFT_ROWS),
             T,
@@ -515,8 +563,10 @@ def gram_fwd(
             pow2_bucket(max(chunks[g] for g in idx)),
             BLOCK_M=BM,
             SHIFT_ROWS=SHIFT_ROWS,
-            X_UNIT_K=unit_k,
-            DIRECT=len(idx) == 1,
+            LAYOUT=layout,
+            ALIGNED=aligned,
+            VEC=16 // xs[idx[0]].element_size(),
+            IDX=tl.int64 if tile64 else tl.int32,
             ACC=tl_dtype(acc),
             DOT_LOW=dot_low is not None,
             DOT_DTYPE=dot_low if dot_low is not None else tl_dtype(acc),
@@ -531,13 +581,15 @@ def gram_fwd(
     tp = torch.empty((L, R, 2), dtype=acc, device=device)
     _gram_rowsum_kernel[(R, L)](r, dg, tp, rp, dp, lmeta, n, R, T, BLOCK_R=BR)
 
+    BC = gram_center_block(BM, n, acc == torch.float64)
+    TC = triton.cdiv(n, BC)
     tiles = device_table(
-        lambda: [v for ti in range(T) for tj in range(ti, T) for v in (ti, tj)],
+        lambda: [v for ci in range(TC) for cj in range(ci, TC) for v in (ci, cj)],
         torch.int32,
         device,
-        key=("tiles", T),
+        key=("tiles", TC),
     )
-    U = T * (T + 1) // 2
+    U = TC * (TC + 1) // 2
     s = torch.empty((L,), dtype=acc, device=device)
     ok8 = torch.empty((L,), dtype=torch.int8, device=device)
     hp = torch.empty((L, U), dtype=acc, device=device)
@@ -558,11 +610,13 @@ def gram_fwd(
         R,
         T,
         U,
-        BLOCK_M=BM,
+        BLOCK_C=BC,
         BLOCK_T=BT,
         HAS_SPLIT=ne > 0,
         UNBIASED=estimator == "unbiased",
-        num_warps=gram_center_warps(BM),
+        num_warps=4,
+        # Without a register budget ptxas caps some variants at 80 registers and spills.
+        maxnreg=None if interpreting() else 255,
     )
     h = torch.empty((L,), dtype=acc, device=device)
     ok = torch.empty((L,), dtype=torch.bool, device=device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastguide.kernels import grad_x, gram_fwd, hsic_pairs
+from fastguide.kernels import cka_pairs_bwd, cka_pairs_fwd, grad_x, gram_fwd, hsic_pairs
 from helpers import GRAD_RTOL, assert_close_verbose, assert_grad_close
 
 from fastguide import _reference as ref
@@ -168,6 +168,98 @@ def test_grad_vs_reference_autograd(estimator, dtype, dev, highest_precision):
         assert_grad_close(inputs[a].grad, expected, GRAD_RTOL[dtype], f"grad layer {a}")
     assert inputs[3].grad is None
     assert torch.equal(inputs[2].grad, torch.zeros_like(inputs[2]))
+
+
+class _FusedCKA(torch.autograd.Function):
+    """The same op through the fused launchers: cka_pairs_fwd (1 launch) and cka_pairs_bwd (1 launch
+    per target group); guide layers (``guide``) form a second stack, as in Guidance."""
+
+    @staticmethod
+    def forward(ctx, estimator, pairs, n_target, *xs):
+        C, s, ok, h, _ = gram_fwd(list(xs[:n_target]), estimator)
+        C2, _, ok2, h2, _ = gram_fwd(list(xs[n_target:]), estimator)
+        cka, _ = cka_pairs_fwd(C, h, ok, pairs, estimator, C2=C2, h2=h2, ok2=ok2)
+        ctx.save_for_backward(*xs[:n_target], C, s, ok, h, C2, ok2, h2, cka)
+        ctx.args = (estimator, pairs, n_target, len(xs))
+        return cka
+
+    @staticmethod
+    def backward(ctx, g):
+        estimator, pairs, n_target, L = ctx.args
+        *xs, C, s, ok, h, C2, ok2, h2, cka = ctx.saved_tensors
+        which = [a for a in range(n_target) if ctx.needs_input_grad[3 + a]]
+        dxs = cka_pairs_bwd(
+            g, cka, [xs[a] for a in which], which, C, s, h, ok, pairs, estimator, C2=C2, h2=h2, ok2=ok2
+        )
+        grads = [None] * L
+        for a, dx in zip(which, dxs, strict=True):
+            grads[a] = dx
+        return (None, None, None, *grads)
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cka_pairs_bwd_vs_reference_autograd(estimator, dtype, dev, highest_precision):
+    """One grouped launch for all target layers (two stacks, a self pair, a within-target pair, a
+    degenerate target, a target without pairs, a transposed target) equals autograd through the
+    float64 oracle."""
+    n = 10
+    targets = [
+        torch.randn(n, 7, dtype=dtype, device=dev) + 1e2,
+        torch.randn(5, n, dtype=dtype, device=dev).T,
+        torch.zeros(n, 3, dtype=dtype, device=dev),
+        torch.randn(n, 4, dtype=dtype, device=dev),
+        torch.randn(n, 6, dtype=dtype, device=dev),  # in no pair: exact 0
+    ]
+    guides = [torch.randn(n, 5, dtype=dtype, device=dev), torch.randn(n, 9, dtype=dtype, device=dev)]
+    T = len(targets)
+    pairs = [(0, T), (0, T + 1), (1, 1), (2, T), (3, 0), (1, T + 1)]
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.25, 0.7, -1.3], dtype=torch.float64)
+    inputs = [x.clone().requires_grad_(True) for x in targets] + [g.clone() for g in guides]
+    cka = _FusedCKA.apply(estimator, pairs, T, *inputs)
+    (cka.double() * weights.to(dev)).sum().backward()
+
+    refs = [x.detach().double().cpu().requires_grad_() for x in targets + guides]
+    expected_cka = torch.stack([ref.cka(refs[i], refs[j], estimator) for i, j in pairs])
+    sum(w * c for w, c in zip(weights, expected_cka, strict=True)).backward()
+    assert_close_verbose(cka, expected_cka, 1e-5 if dtype == torch.float32 else 1e-10, "cka")
+    for a in range(T):
+        expected = refs[a].grad if refs[a].grad is not None else torch.zeros_like(refs[a])
+        assert_grad_close(inputs[a].grad, expected, GRAD_RTOL[dtype], f"grad layer {a}")
+    assert torch.equal(inputs[2].grad, torch.zeros_like(inputs[2]))
+    assert torch.equal(inputs[4].grad, torch.zeros_like(inputs[4]))
+
+
+def test_cka_pairs_bwd_matches_grad_x(dev, highest_precision):
+    """The in-kernel pair weights equal the explicit ones (_pair_weights) fed to grad_x."""
+    n, estimator = 12, "unbiased"
+    xs = [torch.randn(n, 8, device=dev), torch.randn(n, 5, device=dev), torch.randn(n, 20, device=dev)]
+    pairs = [(0, 1), (0, 2), (1, 2), (2, 2)]
+    C, s, ok, h, _ = gram_fwd(xs, estimator)
+    cka, _ = cka_pairs_fwd(C, h, ok, pairs, estimator)
+    g = torch.tensor([0.3, -1.0, 2.0, 0.5], device=dev)
+    pi = torch.tensor([p[0] for p in pairs], device=dev)
+    pj = torch.tensor([p[1] for p in pairs], device=dev)
+    W = _pair_weights(g, cka, h, ok, pi, pj, 3, n * (n - 3))
+    fused = cka_pairs_bwd(g, cka, [xs[2], xs[0]], [2, 0], C, s, h, ok, pairs, estimator)
+    for out, a in zip(fused, [2, 0], strict=True):
+        exp = grad_x(xs[a], [C[b] for b in range(3)], W[a], 2.0 / s[a])
+        assert_close_verbose(out, exp, 1e-5 * exp.abs().max().item(), f"layer {a}")
+
+
+def test_cka_pairs_bwd_bad_input(dev):
+    x = torch.randn(6, 3, device=dev)
+    C, s, ok, h, _ = gram_fwd([x, torch.randn(6, 2, device=dev)], "unbiased")
+    g = torch.ones(1, device=dev)
+    with pytest.raises(ValueError, match="which"):
+        cka_pairs_bwd(g, g, [x], [2], C, s, h, ok, [(0, 1)], "unbiased")
+    with pytest.raises(ValueError, match="out of range"):
+        cka_pairs_bwd(g, g, [x], [0], C, s, h, ok, [(0, 7)], "unbiased")
+    with pytest.raises(ValueError, match="grad"):
+        cka_pairs_bwd(torch.ones(2, device=dev), g, [x], [0], C, s, h, ok, [(0, 1)], "unbiased")
+    with pytest.raises(ValueError, match="n=6"):
+        cka_pairs_bwd(g, g, [torch.randn(5, 3, device=dev)], [0], C, s, h, ok, [(0, 1)], "unbiased")
+    assert cka_pairs_bwd(g, g, [], [], C, s, h, ok, [(0, 1)], "unbiased") == []
 
 
 @pytest.mark.gpu

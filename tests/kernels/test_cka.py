@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastguide.kernels import cka_matrix, cka_pairs, gram_fwd, hsic_matrix, hsic_pairs
+from fastguide.kernels import cka_matrix_fwd, cka_pairs_fwd, gram_fwd, hsic_matrix, hsic_pairs
 from helpers import CKA_ATOL, assert_close_verbose
 
 from fastguide import _reference as ref
@@ -108,11 +108,12 @@ def test_cka_end_to_end_vs_reference(estimator, dtype, dev, highest_precision):
     expected = ref.cka_matrix(xs, estimator=estimator)
     assert_close_verbose(got, expected, CKA_ATOL[dtype], f"CKA {estimator}")
     # The fused epilogues give the same CKA (and HSIC = <C_a, C_b> / N).
-    fused, hs = cka_pairs(C, C, h, h, ok, ok, pi, pj, estimator)
-    assert_close_verbose(fused.view(L, L), expected, CKA_ATOL[dtype], f"cka_pairs {estimator}")
-    fused_m, hs_m = cka_matrix(C, C, h, h, ok, ok, estimator)
-    assert_close_verbose(fused_m, expected, CKA_ATOL[dtype], f"cka_matrix {estimator}")
-    assert_close_verbose(hs_m.flatten(), hs, 1e-5 * hs.abs().max().item(), "hsic of cka_matrix vs cka_pairs")
+    pairs = list(zip(pi.tolist(), pj.tolist(), strict=True))
+    fused, hs = cka_pairs_fwd(C, h, ok, pairs, estimator)
+    assert_close_verbose(fused.view(L, L), expected, CKA_ATOL[dtype], f"cka_pairs_fwd {estimator}")
+    fused_m, hs_m = cka_matrix_fwd(C, C, h, h, ok, ok, estimator)
+    assert_close_verbose(fused_m, expected, CKA_ATOL[dtype], f"cka_matrix_fwd {estimator}")
+    assert_close_verbose(hs_m.flatten(), hs, 1e-5 * hs.abs().max().item(), "hsic of the matrix vs the pairs")
     assert fused_m[3].eq(0).all() and fused_m[:, 3].eq(0).all()  # degenerate layer: exactly 0
     # All pairs through the GEMM kernel agree with the pair kernel.
     N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
@@ -133,7 +134,8 @@ def test_cka_pairs_two_stacks_vs_torch_epilogue(dev, highest_precision):
     Cg, _, okg, hg, _ = gram_fwd(xg, "unbiased")
     pi = torch.tensor([0, 1, 2, 2], device=dev)
     pj = torch.tensor([1, 0, 0, 1], device=dev)
-    cka, hs = cka_pairs(Ct, Cg, ht, hg, okt, okg, pi, pj, "unbiased")
+    pairs = [(i, 3 + j) for i, j in zip(pi.tolist(), pj.tolist(), strict=True)]
+    cka, hs = cka_pairs_fwd(Ct, ht, okt, pairs, "unbiased", C2=Cg, h2=hg, ok2=okg)
     hs_ref = hsic_pairs(Ct, Cg, pi, pj) / (n * (n - 3))
     # The torch epilogue on one concatenated layer list (global indices).
     h_all, ok_all = torch.cat([ht, hg]), torch.cat([okt, okg])
@@ -141,10 +143,11 @@ def test_cka_pairs_two_stacks_vs_torch_epilogue(dev, highest_precision):
     assert_close_verbose(hs, hs_ref, 1e-6 * hs_ref.abs().max().item(), "hsic")
     assert_close_verbose(cka, ref_cka, 1e-6, "cka vs cka_from_hsic")
     assert cka[1].item() == 0.0  # layer 1 of the target side is all-zero
-    empty = torch.zeros(0, dtype=torch.int64, device=dev)
-    assert cka_pairs(Ct, Cg, ht, hg, okt, okg, empty, empty, "unbiased")[0].shape == (0,)
-    with pytest.raises(ValueError, match="h_b"):
-        cka_pairs(Ct, Cg, ht, ht, okt, okt, pi, pj, "unbiased")
+    assert cka_pairs_fwd(Ct, ht, okt, [], "unbiased", C2=Cg, h2=hg, ok2=okg)[0].shape == (0,)
+    with pytest.raises(ValueError, match="h2"):
+        cka_pairs_fwd(Ct, ht, okt, pairs, "unbiased", C2=Cg, h2=ht, ok2=okt)
+    with pytest.raises(ValueError, match="out of range"):
+        cka_pairs_fwd(Ct, ht, okt, [(0, 5)], "unbiased", C2=Cg, h2=hg, ok2=okg)
 
 
 @pytest.mark.gpu
@@ -161,3 +164,26 @@ def test_hsic_gpu_large(highest_precision):
     )
     # Deterministic (per-program partials, no atomics).
     assert torch.equal(hsic_matrix(A, B), out)
+
+
+def test_one_launch_reduction_is_deterministic_and_resets_counters(dev, highest_precision):
+    """Several chunks per output: the last program sums the partials in a fixed order, the result
+    repeats bit for bit, and the arrival counters are back at 0 afterwards (so the next launch and a
+    CUDA-graph replay find them zeroed)."""
+    from fastguide.kernels import _common
+
+    C = torch.randn(5, 37, 37, device=dev)
+    h = (C * C).sum((1, 2)) / (37 * 34)
+    ok = torch.tensor([True, True, False, True, True], device=dev)
+    pairs = [(0, 1), (2, 3), (4, 4), (1, 0)]
+    first = cka_pairs_fwd(C, h, ok, pairs, "unbiased")
+    second = cka_pairs_fwd(C, h, ok, pairs, "unbiased")
+    m1 = cka_matrix_fwd(C, C[:3], h, h[:3], ok, ok[:3], "biased")
+    m2 = cka_matrix_fwd(C, C[:3], h, h[:3], ok, ok[:3], "biased")
+    for a, b in zip(first + m1, second + m2, strict=True):
+        assert torch.equal(a, b)
+    assert first[0][1].item() == 0.0  # layer 2 is flagged degenerate
+    expected = torch.stack([(C[i].double() * C[j].double()).sum() for i, j in pairs]) / (37 * 34)
+    assert_close_verbose(first[1], expected, 1e-6 * expected.abs().max().item(), "hsic")
+    for buf in _common._COUNTERS.values():
+        assert int(buf.abs().sum()) == 0
