@@ -11,23 +11,29 @@ Launchers (host functions) and the public op each one mirrors:
   the statistics :func:`fastguide.layer_stats` returns, and the Gram stage of every public op
   (``cka``, ``cka_pairs``, ``cka_matrix``, ``CKALoss``) with ``backend="triton"``;
 * :func:`fastguide.kernels.cka.hsic_pairs` -- Frobenius inner products of the C's for selected
-  pairs: the pair stage of those ops with ``backend="triton"`` (an all-pairs ``cka_matrix`` included);
-  :func:`fastguide.kernels.cka.hsic_matrix` -- the same for all pairs of two stacks as one GEMM
-  (``cka_matrix``'s table; the ops do not call it);
-* :func:`fastguide.kernels.cka.cka_pairs` / :func:`fastguide.kernels.cka.cka_matrix` -- the same
-  with the CKA epilogue fused (HSIC and CKA, exactly 0 for degenerate layers): the values of
-  :func:`fastguide.cka_pairs` / :func:`fastguide.cka_matrix` computed from *precomputed Gram
-  statistics* (C stacks, self-HSICs, flags), not from activations -- the names mirror the public ops,
-  the signatures do not;
-* :func:`fastguide.kernels.backward.grad_x` -- ``scale (sum_k w_k C_k) X^`` for one layer: the
-  per-layer backward of every public op with ``backend="triton"``.
+  pairs: the pair stage of those ops with ``backend="triton"``;
+  :func:`fastguide.kernels.cka.hsic_matrix` -- the same for all pairs of two stacks as one GEMM;
+* :func:`fastguide.kernels.cka.cka_pairs_fwd` / :func:`fastguide.kernels.cka.cka_matrix_fwd` -- the
+  same with the CKA epilogue fused (HSIC and CKA in one launch, exactly 0 for degenerate layers),
+  computed from *precomputed Gram statistics* (C stacks, self-HSICs, flags), not from activations;
+* :func:`fastguide.kernels.backward.grad_x` -- ``scale (sum_k w_k C_k) X^`` for one layer;
+  :func:`fastguide.kernels.backward.cka_pairs_bwd` -- the gradients of every target layer of a set of
+  pairs in one grouped launch, the pair weights (from the CKA values and the upstream gradient)
+  computed inside the kernel;
+* :mod:`fastguide.kernels.group` -- Grams and gradients of the groups of a (G, n, d) view (the
+  ``tokens="positions"``/``"structure"`` modes).
 
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors.
 """
 
-from .backward import cka_pairs_bwd, grad_x
-from .cka import cka_matrix_fwd, cka_pairs_fwd, hsic_matrix, hsic_pairs
-from .gram import gram_fwd
+if __name__ == "fastguide.kernels":
+    from .backward import cka_pairs_bwd, grad_x
+    from .cka import cka_matrix_fwd, cka_pairs_fwd, hsic_matrix, hsic_pairs
+    from .gram import gram_fwd
+# else: this folder was found as a top-level ``kernels`` (the repository root on ``sys.path``, e.g.
+# ``python -m pytest`` from a checkout, and a library probing for the unrelated PyPI ``kernels``
+# package, as transformers does): import nothing, so that probe sees an empty module without a
+# version instead of failing on the kernels' imports of their parent package.
 
 __all__ = [
     "gram_fwd",

@@ -22,7 +22,8 @@ import functools
 
 import triton
 
-from .. import _config
+from fastguide import _config
+
 from ._common import SHIFT_ROWS
 
 
