@@ -5,7 +5,8 @@
   is ``smoke`` under ``--benchmark-disable`` (the CI harness smoke test), else ``full`` on CUDA and
   ``cpu`` otherwise.
 * Every (case, provider) is one test, grouped by case; Triton providers carry the ``gpu`` marker and
-  are skipped without CUDA. Cases, providers, the oracle check, warm-up, peak memory, rates and the
+  are skipped without CUDA (the root conftest.py, shared with tests/: interpreter set-up, markers,
+  GPU skip, seeding). Cases, providers, the oracle check, warm-up, peak memory, rates and the
   roofline floor are those of ``python -m fastguide bench`` (:func:`fastguide.bench.measure_provider`);
   only the timed samples come from pytest-benchmark (``benchmark.pedantic``), one provider at a time.
 
@@ -49,19 +50,9 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped otherwise)")
     if config.getoption("benchmark_disable", False) and not torch.cuda.is_available():
         # Smoke run of tiny ops: one thread avoids OpenMP barrier stalls on shared CI cores.
         torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 def fg_scale(config) -> str:

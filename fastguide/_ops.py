@@ -27,7 +27,7 @@ import torch
 
 from . import _torch_backend, _triton_backend
 from . import _torch_backend as tb
-from ._utils import acc_dtype, hsic_norm, pair_index, triton_usable
+from ._utils import hsic_norm, pair_index, triton_usable
 from ._validate import Options, check_layers, check_stats
 
 __all__ = [
@@ -106,13 +106,15 @@ _PRE_FIELDS = tuple(f.name for f in fields(Plan) if f.metadata["schema"] == "Ten
 
 
 class LayerTable(NamedTuple):
-    """Per-layer outputs of the forward: C (L, n, n) (``(0, n, n)`` on the feature route), s, ok, h, sigma."""
+    """Per-layer outputs of the forward: C (L, n, n) (``(0, n, n)`` on the feature route), s, ok, h,
+    sigma and klog (the log of the factor an unbiased RBF kernel was scaled by, else 0)."""
 
     C: torch.Tensor
     s: torch.Tensor
     ok: torch.Tensor
     h: torch.Tensor
     sig: torch.Tensor
+    klog: torch.Tensor
 
 
 _PLAN_SCHEMA = ", ".join(f"{f.metadata['schema']} {f.name}" for f in fields(Plan))
@@ -177,10 +179,13 @@ def build_plan(raw: list[torch.Tensor], pre: Sequence, pairs: list[tuple[int, in
     n, dev = raw[0].shape[0], raw[0].device
     check_stats(pre, opts, n, dev)
     route = choose_route(opts.route, opts.kernel, raw, pairs, bool(pre))
-    triton = route == "gram" and use_triton(opts.backend, dev, opts.kernel)
-    dt = torch.float64 if any(x.dtype == torch.float64 for x in raw) else torch.float32
+    # Checked on every route: backend="triton" where Triton cannot run raises, also when the feature
+    # route (plain GEMMs, the torch implementation on either backend) is the one taken.
+    triton = use_triton(opts.backend, dev, opts.kernel) and route == "gram"
+    dt = tb.stack_dtype([*raw, *(st.C for st in pre)])
     if pre:
         pre_t = [torch.stack([getattr(st, name) for st in pre]) for name in ("C", "s", "ok", "h")]
+        pre_t = [t.to(dt) if t.is_floating_point() else t for t in pre_t]
     else:
         pre_t = [
             torch.empty((0, n, n), dtype=dt, device=dev),
@@ -237,26 +242,34 @@ def run(plan: Plan) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the computation
+def call_dtype(plan: Plan) -> torch.dtype:
+    """The accumulation dtype of the call: float64 if any raw layer or precomputed statistic is."""
+    return tb.stack_dtype([*plan.layers, plan.pre_C])
+
+
 def _hsic_table(plan: Plan) -> tuple[torch.Tensor, LayerTable, torch.Tensor, torch.Tensor]:
     """Per-layer statistics and the normalised HSIC of each pair (no autograd).
 
-    Returns (hsic (P,), table, h_all, ok_all); ``*_all`` span raw then precomputed layers.
+    Returns (hsic (P,), table, h_all, ok_all); ``*_all`` span raw then precomputed layers. Everything
+    is in the call's accumulation dtype (:func:`call_dtype`), also when layers of several dtypes meet.
     """
     be = _BACKENDS[plan.backend]
     n = plan.n
+    dt = call_dtype(plan)
     if plan.route == "feature":
         hsic, s, ok, h = be.feature_fwd(plan.layers, plan.pair_list, plan.estimator)
         C = torch.empty((0, n, n), dtype=s.dtype, device=plan.device)
-        return hsic, LayerTable(C, s, ok, h, torch.ones_like(s)), h, ok
+        return hsic, LayerTable(C, s, ok, h, torch.ones_like(s), torch.zeros_like(s)), h, ok
     if plan.layers:
-        table = LayerTable(*be.gram_fwd(list(plan.layers), plan.estimator, plan.kernel, plan.sigma))
+        out = be.gram_table(list(plan.layers), plan.estimator, plan.kernel, plan.sigma)
+        table = LayerTable(*(t.to(dt) if t.is_floating_point() else t for t in out))
     else:
         s = plan.pre_s.new_empty((0,))
-        table = LayerTable(plan.pre_C.new_empty((0, n, n)), s, plan.pre_ok.new_empty((0,)), s, s)
+        table = LayerTable(plan.pre_C.new_empty((0, n, n)), s, plan.pre_ok.new_empty((0,)), s, s, s)
     C = table.C
-    h_all = torch.cat([table.h, plan.pre_h.to(table.h.dtype)])
+    h_all = torch.cat([table.h, plan.pre_h.to(dt)])
     ok_all = torch.cat([table.ok, plan.pre_ok])
-    pre = plan.pre_C.to(C.dtype)
+    pre = plan.pre_C.to(dt)
     index = [(0, l) for l in range(C.shape[0])] + [(1, m) for m in range(pre.shape[0])]
     hsic = be.pair_dots([C, pre], index, plan.pair_list) / hsic_norm(n, plan.estimator)
     return hsic, table, h_all, ok_all
@@ -270,7 +283,8 @@ def batch_hsic(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """
     with torch.no_grad():
         hsic, table, h_all, ok_all = _hsic_table(plan)
-        s64 = torch.cat([table.s, plan.pre_s.to(table.s.dtype)]).double()
+        # Back to the scale of K: an unbiased RBF kernel was scaled by exp(klog) (fastguide._rbf).
+        s64 = torch.cat([table.s.double() * torch.exp(-table.klog.double()), plan.pre_s.double()])
         h64 = h_all.double()
         self_all = torch.where(ok_all, h64 * s64 * s64, torch.zeros_like(h64))
         pi, pj = pair_index(plan.pairs, s64.device)
@@ -307,7 +321,7 @@ def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Te
     plist = plan.pair_list
     pi, pj = pair_index(plan.pairs, grad.device)
     ok_all = torch.cat([t.ok, plan.pre_ok])
-    h_all = torch.cat([t.h, plan.pre_h.to(t.h.dtype)])
+    h_all = torch.cat([t.h, plan.pre_h.to(t.h.dtype)])  # the table is in the call's dtype
     W = tb.pair_weights(grad, cka, h_all, ok_all, pi, pj, hsic_norm(plan.n, plan.estimator))
     partners = _partners(plist, which)
     if plan.route == "feature":
@@ -318,7 +332,9 @@ def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Te
     for a in which:
         Cs = [t.C[b] if b < L else pre[b - L] for b in partners[a]]
         w = torch.stack([W[a, b] for b in partners[a]])
-        out.append(be.layer_grad(plan.layers[a], Cs, w, t.s[a], t.sig[a], plan.kernel))
+        out.append(
+            be.layer_grad(plan.layers[a], Cs, w, t.s[a], t.sig[a], t.klog[a], plan.kernel, plan.estimator)
+        )
     return out
 
 
@@ -333,7 +349,7 @@ def _cka_fwd(*args):
 def _(*args):
     plan = Plan(*args)
     ref = plan.layers[0] if plan.layers else plan.pre_C
-    dt = acc_dtype(ref.dtype) if plan.layers else plan.pre_C.dtype
+    dt = call_dtype(plan)
     L, n = len(plan.layers), plan.n
     table = LayerTable(
         C=ref.new_empty((0 if plan.route == "feature" else L, n, n), dtype=dt),
@@ -341,6 +357,7 @@ def _(*args):
         ok=ref.new_empty((L,), dtype=torch.bool),
         h=ref.new_empty((L,), dtype=dt),
         sig=ref.new_empty((L,), dtype=dt),
+        klog=ref.new_empty((L,), dtype=dt),
     )
     return (ref.new_empty((len(plan.pairs) // 2,), dtype=dt), *table)
 

@@ -13,7 +13,10 @@ direct, well-conditioned routes, without the fp32 tricks of the fast paths:
   near-constant kernels even in float64 (a wide RBF kernel: issue 14 item 9), so it is kept only as a
   cross-check, with :func:`closed_form_condition` saying where it is trustworthy;
 * the median heuristic follows Kornblith et al.'s code (``np.median`` of the full n x n matrix of
-  squared distances: the mean of the two middle values when n^2 is even).
+  squared distances: the mean of the two middle values when n^2 is even; where that is 0, the
+  median of the positive distances);
+* the degeneracy rule is DESIGN.md section 3's, restated in float64 (:func:`is_degenerate`,
+  :func:`vanishes`).
 
 The per-layer statistics of the fast paths (centred, normalised Gram ``C``, scale ``s``, self-HSIC
 ``h``, ``ok``) are :func:`layer_oracle`.
@@ -25,10 +28,58 @@ from typing import NamedTuple
 
 import torch
 
-#: A U-centred (or H-centred) Gram whose Frobenius norm is below this fraction of the norm of the
-#: Gram it came from is exactly zero in exact arithmetic (float64 rounding leaves ~1e-16; e.g. all
-#: examples equal but one, whose U-centred Gram is 0): its self-HSIC is 0 and the layer degenerate.
-VANISH_RTOL = 1e-12
+#: The degeneracy rule's units (DESIGN.md section 3, docs/numerics.md "Degenerate layers"), restated
+#: here for the oracle: a centred Gram of Frobenius norm at most ``VANISH_UNITS`` eps (of the
+#: accumulation dtype) times the rounding reference of the matrix it is centred from is zero.
+VANISH_UNITS = 64.0
+#: Rows averaged for the per-column shift of the fast paths (DESIGN.md section 2); the degeneracy
+#: rule's rounding reference is the trace of the Gram of the features shifted by it.
+SHIFT_ROWS = 32
+
+
+def acc_eps(dtype: torch.dtype) -> float:
+    """eps of the accumulation dtype of an input dtype: float64 stays, the others accumulate in fp32."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def input_factor(dtype: torch.dtype) -> float:
+    """``(k eps)^2`` of the input-rounding rule: k = 4 for float32/float64, 1 for float16/bfloat16."""
+    k = 1.0 if dtype in (torch.float16, torch.bfloat16) else 4.0
+    return (k * torch.finfo(dtype).eps) ** 2
+
+
+#: The contract's tolerances (DESIGN.md section 3), the one table of the tests and the benchmark
+#: harness: kind -> dtype of the inputs -> tolerance (use :func:`tolerance`).
+#:
+#: * ``"cka"``, ``"hsic"`` (HSIC divided by ``sqrt(h_aa h_bb)``), ``"value"`` (any O(1) result, e.g.
+#:   a loss term): absolute; a relative tolerance is ill-posed near 0;
+#: * ``"loss"``: absolute per unit of summed |weight| (``length``: the sum of |w| over the pairs);
+#: * ``"grad"``: relative in norm, per layer;
+#: * ``"gram"``: relative in Frobenius norm, for reductions up to 1024 long (``length``: the
+#:   reduction length d; longer ones scale like sqrt(d));
+#: * ``"exact64"``: two float64 evaluations of one quantity (oracles against each other, bookkeeping).
+TOLERANCES: dict[str, dict[torch.dtype, float]] = {
+    "cka": {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2},
+    "grad": {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2},
+    "gram": {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6},
+    "exact64": {torch.float64: 1e-12},
+}
+TOLERANCES["hsic"] = TOLERANCES["value"] = TOLERANCES["loss"] = TOLERANCES["cka"]
+
+
+def tolerance(kind: str, dtype: torch.dtype, length: float = 1.0) -> float:
+    """The tolerance of ``kind`` for inputs of ``dtype`` (:data:`TOLERANCES`), scaled with ``length``
+    where the kind accumulates: ``"loss"`` (times the summed |weight|), ``"gram"`` (sqrt(d / 1024)
+    beyond 1024); ``"exact64"`` is dtype-independent."""
+    if kind not in TOLERANCES:
+        raise ValueError(f"kind must be one of {sorted(TOLERANCES)}; got {kind!r}")
+    table = TOLERANCES[kind]
+    tol = table[torch.float64] if kind == "exact64" else table[dtype]
+    if kind == "loss":
+        tol *= max(float(length), 1.0)
+    elif kind == "gram":
+        tol *= max(1.0, float(length) / 1024.0) ** 0.5
+    return tol
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
@@ -54,22 +105,32 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
+def _np_median(v: torch.Tensor) -> torch.Tensor:
+    v = v.sort().values
+    m = v.numel()
+    return v[m // 2] if m % 2 else 0.5 * (v[m // 2 - 1] + v[m // 2])
+
+
 def median_sq_distance(D: torch.Tensor) -> torch.Tensor:
     """``np.median(D)`` over all n^2 entries (zero diagonal included), as Kornblith et al.'s code does.
 
     Their ``gram_rbf(x, threshold)`` sets ``sigma^2 = threshold^2 * np.median(sq_distances)`` over the
     full matrix; ``np.median`` averages the two middle values of an even count (``torch.median``
-    would return the lower one).
+    would return the lower one). Where that median is 0 (more than half the distances are 0: their
+    code would divide by 0), the median of the positive distances, which scales with the data as the
+    heuristic must; 0 only when every distance is 0.
     """
-    v = D.detach().flatten().sort().values
-    m = v.numel()
-    return v[m // 2] if m % 2 else 0.5 * (v[m // 2 - 1] + v[m // 2])
+    v = D.detach().flatten()
+    med = _np_median(v)
+    if med > 0 or not (v > 0).any():
+        return med
+    return _np_median(v[v > 0])
 
 
 def rbf_sigma(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
     """The RBF bandwidth used for ``x``: ``sigma``, or ``sqrt(median_sq_distance)`` (detached).
 
-    A median of 0 (more than half the distances zero) has no scale; like fastguide, use 1.
+    Every distance 0 (a constant layer, degenerate anyway) has no scale: 1.
     """
     if sigma is not None:
         return torch.tensor(float(sigma), dtype=torch.float64)
@@ -210,19 +271,46 @@ def centered_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def is_degenerate(x: torch.Tensor) -> bool:
-    """The DESIGN.md section 3 rule: centred signal below the input dtype's rounding level."""
-    eps = torch.finfo(x.dtype).eps
+    """The input-rounding rule of DESIGN.md section 3: centred signal below the input dtype's
+    rounding, ``||X - mean||^2 <= (k eps)^2 ||X||^2`` (:func:`input_factor`)."""
     X = _f64(x).detach()
     t = ((X - X.mean(0)) ** 2).sum()
-    return bool(t <= (4 * eps) ** 2 * (X**2).sum())
+    return bool(t <= input_factor(x.dtype) * (X**2).sum())
 
 
-def vanishes(Cu: torch.Tensor, K: torch.Tensor, estimator: str = "unbiased") -> bool:
-    """The centred Gram ``Cu`` of ``K`` is zero up to float64 rounding (its self-HSIC is exactly 0)."""
-    Kt = K.detach().clone()
-    if estimator == "unbiased":
-        Kt.fill_diagonal_(0)
-    return bool(Cu.detach().norm() <= VANISH_RTOL * Kt.norm())
+def shifted_features(x: torch.Tensor) -> torch.Tensor:
+    """``x - mean(x[:32])`` in float64: the features whose Gram the fast paths centre."""
+    X = _f64(x).detach()
+    return X - X[:SHIFT_ROWS].mean(0)
+
+
+def rounding_reference(x: torch.Tensor, kernel: str = "linear", M=None, sigma=None) -> torch.Tensor:
+    """The rounding reference R of the matrix that is centred (docs/numerics.md "Degenerate layers").
+
+    Linear kernel: ``tr(X^ X^T)`` of the shifted features (the Gram's rounding is at most about eps
+    times it in Frobenius norm). RBF: ``||M||_F + ||K o (a_i + a_j)||_F / (2 sigma^2)`` off the diagonal,
+    M the matrix that is centred, K the kernel and a the shifted squared norms (the distances come
+    from them).
+    """
+    Xh = shifted_features(x)
+    a = (Xh * Xh).sum(1)
+    if kernel == "linear":
+        return a.sum()
+    D = squared_distances(x)
+    K = torch.exp(-D / (2 * float(sigma) ** 2))
+    K.fill_diagonal_(0)
+    S = a[:, None] + a[None, :]
+    M = M.detach().clone()
+    M.fill_diagonal_(0)  # the diagonal of the kernel is exact (or unused)
+    return M.norm() + (K * S).norm() / (2 * float(sigma) ** 2)
+
+
+def vanishes(Cu: torch.Tensor, x: torch.Tensor, kernel: str = "linear", M=None, sigma=None) -> bool:
+    """The centred Gram ``Cu`` of layer ``x`` is zero up to the rounding of the accumulation dtype:
+    ``||Cu||_F <= VANISH_UNITS eps R`` (:func:`rounding_reference`). Its self-HSIC is then 0 (e.g. the
+    U-centred Gram of examples all equal but one, which is exactly 0: issue 14 item 2)."""
+    R = rounding_reference(x, kernel, M, sigma)
+    return bool(Cu.detach().norm() <= VANISH_UNITS * acc_eps(x.dtype) * R)
 
 
 class LayerOracle(NamedTuple):
@@ -246,24 +334,31 @@ def layer_oracle(
     """Float64 (C, s, h, ok, sigma) of one layer (n, ...), both estimators, linear or RBF kernel.
 
     ``ok`` follows DESIGN.md section 3: False if the centred signal is below the input dtype's
-    rounding level (:func:`is_degenerate`), if ``tr(H K H) <= 0``, or if the self-HSIC is 0 (the
-    centred Gram :func:`vanishes`; C and h are then exactly 0). Differentiable in ``x`` (sigma is
-    detached), so it also serves as an autograd reference.
+    rounding level (:func:`is_degenerate`), if the centred Gram is zero up to rounding
+    (:func:`vanishes`; C and h are then exactly 0) or if the self-HSIC is not positive.
+    ``s = tr(H K H) / n``, except for the unbiased RBF estimator, which ignores the diagonal: there
+    ``s = ||U(K)||_F / sqrt(N)`` (h = 1), as in the fast paths, whose scaled kernel has no usable
+    diagonal. Differentiable in ``x`` (sigma is detached), so it also serves as an autograd reference.
     """
     n = x.shape[0]
+    N = hsic_norm(n, estimator)
     one = torch.ones((), dtype=torch.float64)
     degenerate = is_degenerate(x)
     sig = one if kernel == "linear" or degenerate else rbf_sigma(x, sigma)
     K = linear_gram(x) if kernel == "linear" else rbf_hsic_gram(x, float(sig))
     Cu = center(K, estimator)
-    t = torch.trace(h_center(K))
+    if kernel == "rbf" and estimator == "unbiased":
+        t = Cu.norm() * n / N**0.5
+    else:
+        t = torch.trace(h_center(K))
     ok = not degenerate and bool(t > 0)
     s = t / n if ok else one
-    if ok and vanishes(Cu, K, estimator):
+    if ok and vanishes(Cu, x, kernel, K, sig):
         Cu = torch.zeros_like(Cu)
         ok = False
+        s = one
     C = Cu / s
-    h = (C * C).sum() / hsic_norm(n, estimator)
+    h = (C * C).sum() / N
     return LayerOracle(C, s, h, ok and bool(h > 0), sig)
 
 
@@ -336,9 +431,10 @@ def cka_pairs(xs, ys, pairs, estimator: str = "unbiased") -> torch.Tensor:
             continue
         Cx = centred_linear_gram(xs[i], estimator)
         Cy = centred_linear_gram(ys[j], estimator)
+        gone = vanishes(Cx, xs[i]) or vanishes(Cy, ys[j])
         hxx, hyy, hxy = (Cx * Cx).sum(), (Cy * Cy).sum(), (Cx * Cy).sum()
         del Cx, Cy
-        ok = hxx > 0 and hyy > 0
+        ok = hxx > 0 and hyy > 0 and not gone
         vals.append(hxy / (hxx.sqrt() * hyy.sqrt()) if ok else torch.zeros((), dtype=torch.float64))
     return torch.stack(vals)
 
@@ -377,6 +473,8 @@ def group_valid(x: torch.Tensor, y: torch.Tensor, estimator: str = "unbiased") -
     if is_degenerate(x) or is_degenerate(y):
         return False
     Cx, Cy = centred_linear_gram(x, estimator), centred_linear_gram(y, estimator)
+    if vanishes(Cx, x) or vanishes(Cy, y):
+        return False
     return bool((Cx * Cx).sum() > 0 and (Cy * Cy).sum() > 0)
 
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from . import _torch_backend, _triton_backend
-from ._torch_backend import center_gram_, degenerate_factor
+from ._torch_backend import center_gram_, degenerate_factor, vanishes
 from ._utils import acc_dtype, hsic_norm, pair_index
 
 __all__ = ["GroupStats", "GroupCKA", "group_stats", "make_group_stats", "group_cka", "reduce_groups"]
@@ -97,13 +97,17 @@ def group_stats(layers: list[torch.Tensor], estimator: str, backend: str) -> tup
     C = torch.empty((len(layers), G, n, n), dtype=_stack_dtype(layers), device=layers[0].device)
     # Threshold (4 eps)^2 ||x_g||^2 of each group, eps of the layer's input dtype (DESIGN.md section 3).
     thr = torch.stack([be.group_gram(X, C[l]) * degenerate_factor(X.dtype) for l, X in enumerate(layers)])
+    ref = C.diagonal(dim1=-2, dim2=-1).sum(-1)  # rounding reference of the vanishing test
     C, t = center_gram_(C, estimator)
     # NaN-propagating comparisons (a NaN trace keeps ok True, so NaN reaches the output).
     ok = ~(t <= thr)
     s = torch.where(ok, t / n, torch.ones_like(t))
     C.div_(s[..., None, None])
-    h = torch.stack([(c * c).sum(dim=(-2, -1)) for c in C]) / hsic_norm(n, estimator)
-    ok = ok & ~(h <= 0)
+    N = hsic_norm(n, estimator)
+    h = torch.stack([(c * c).sum(dim=(-2, -1)) for c in C]) / N
+    # The layer rule per group, the vanishing centred Gram included (U(K) = 0: issue 14 item 2).
+    ok = ok & ~(h <= 0) & ~vanishes(s * (h * N).sqrt(), ref)
+    s = torch.where(ok, s, torch.ones_like(s))
     return C, s, ok, h
 
 

@@ -3,7 +3,7 @@
 A backend is a module with the same five functions; the ops (:mod:`fastguide._ops`) pick one
 (:mod:`fastguide._triton_backend` is the other) and never branch on it:
 
-* :func:`gram_fwd` -- per-layer statistics of a layer stack (C, s, ok, h, sigma);
+* :func:`gram_table` -- per-layer statistics of a layer stack (C, s, ok, h, sigma, klog);
 * :func:`pair_dots` -- ``<C_i, C_j>`` of the requested pairs (HSIC before the division by N);
 * :func:`layer_grad` -- one layer's gradient ``(2 / s) G X^`` (or the RBF form);
 * :func:`feature_fwd` / :func:`feature_bwd` -- the feature route (linear kernel, n > d): the same
@@ -19,15 +19,39 @@ Backward: ``dX_a = (2 / s_a) G_a X^_a`` with ``G_a = sum_b W[a, b] C_b`` (:func:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._cpu import gram_stack, shifted_matmul, sym_gram
-from ._utils import SHIFT_ROWS, acc_dtype, hsic_norm, shift_of, shifted
-
+from ._rbf import rbf_grad, rbf_matrix
+from ._utils import SHIFT_ROWS, acc_dtype, hsic_norm, shift_of
 
 # --------------------------------------------------------------------------- per-layer statistics
+#: A centred Gram whose Frobenius norm is at most this many rounding units (eps of the accumulation
+#: dtype) of the Gram it was centred from is zero up to rounding: its layer is degenerate. Measured
+#: (docs/numerics.md): layers with U(K) = 0 exactly reach 3 units, legitimate ones 1.5e5 and more.
+VANISH_UNITS = 64.0
+
+
+def stack_dtype(xs) -> torch.dtype:
+    """The accumulation dtype of a call: float64 if any layer is float64, else float32 (issue 14 item 1)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def degenerate_factor(dtype: torch.dtype) -> float:
+    """``(k eps)^2`` of an input dtype: the degeneracy threshold per unit of ``||x||_F^2``.
+
+    k = 4 for float32/float64 (their own arithmetic upstream leaves noise of a few ulps: DESIGN.md
+    section 3) and k = 1 for float16/bfloat16, whose values are rounded once from fp32 accumulation: a
+    layer with 2 ulps of signal is data there (measured, docs/numerics.md "Half precision").
+    """
+    k = 1.0 if dtype in (torch.float16, torch.bfloat16) else 4.0
+    return (k * torch.finfo(dtype).eps) ** 2
+
+
 def degenerate_threshold(x: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
-    """``(4 eps)^2 ||x||_F^2`` of the raw input, eps of the input dtype (DESIGN.md section 3).
+    """``degenerate_factor(x.dtype) ||x||_F^2`` of the raw input (DESIGN.md section 3).
 
     ``sq``: ``||x||_F^2`` when the caller already has it (e.g. the trace of the raw Gram).
     """
@@ -36,9 +60,10 @@ def degenerate_threshold(x: torch.Tensor, sq: torch.Tensor | None = None) -> tor
     return degenerate_factor(x.dtype) * sq
 
 
-def degenerate_factor(dtype: torch.dtype) -> float:
-    """``(4 eps)^2`` of an input dtype: the degeneracy threshold per unit of ``||x||_F^2``."""
-    return (4.0 * torch.finfo(dtype).eps) ** 2
+def vanishes(norm: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``norm <= VANISH_UNITS eps ref``: a centred Gram of Frobenius norm ``norm`` computed from a
+    matrix whose rounding reference is ``ref`` is zero up to rounding (NaN: False, so NaN propagates)."""
+    return norm <= VANISH_UNITS * torch.finfo(ref.dtype).eps * ref
 
 
 def center_gram_(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,38 +92,27 @@ def center_gram_(K: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.T
     return K, t
 
 
-def rbf_from_linear(
-    K: torch.Tensor, sigma: float | None, ok: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RBF Gram ``exp(-||xi - xj||^2 / (2 sigma^2))`` from the linear Gram of shifted features.
-
-    ``sigma=None`` uses the median heuristic of Kornblith et al. 2019: ``sigma^2`` = median of all
-    n^2 squared distances. Returns (K_rbf, sigma) with sigma detached.
-    """
-    a = K.diagonal()
-    D = (a.unsqueeze(1) + a.unsqueeze(0) - 2.0 * K).clamp_min(0.0)
-    D = D - torch.diag_embed(D.diagonal())
-    if sigma is None:
-        sig2 = D.detach().median()
-    else:
-        sig2 = torch.full((), float(sigma) ** 2, dtype=K.dtype, device=K.device)
-    # A degenerate layer (or all-equal rows) has no scale: use 1 so nothing divides by zero.
-    sig2 = torch.where(ok & (sig2 > 0), sig2, torch.ones_like(sig2))
-    return torch.exp(-D / (2.0 * sig2)), sig2.sqrt()
-
-
 def gram_fwd(
     xs: list[torch.Tensor], estimator: str, kernel: str = "linear", sigma: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma (each (L,)).
+) -> tuple[torch.Tensor, ...]:
+    """(C, s, ok, h, sigma) of :func:`gram_table`: the twin of the launcher ``fastguide.kernels.gram_fwd``."""
+    return gram_table(xs, estimator, kernel, sigma)[:5]
+
+
+def gram_table(
+    xs: list[torch.Tensor], estimator: str, kernel: str = "linear", sigma: float | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Backend entry: per-layer statistics of L layers (n, d_l): C (L, n, n), s, ok, h, sigma, klog
+    (each (L,)).
 
     One Gram per layer (symmetric product, written into its slot of the stack; on CPU several layers
     at once, one per core: :func:`fastguide._cpu.gram_stack`), then centring, normalisation and
-    self-HSICs batched over the whole stack.
+    self-HSICs batched over the whole stack. ``klog`` is 0 except for unbiased RBF layers, whose
+    kernel was scaled by ``exp(klog)`` (:mod:`fastguide._rbf`).
     """
     n = xs[0].shape[0]
     N = hsic_norm(n, estimator)
-    dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    dt = stack_dtype(xs)
     dev = xs[0].device
     C = torch.empty((len(xs), n, n), dtype=dt, device=dev)
 
@@ -113,29 +127,39 @@ def gram_fwd(
         sq = torch.stack(sqs).to(dt)
     # degenerate_threshold of every layer at once (one op, not one per layer).
     thr = torch.tensor([degenerate_factor(x.dtype) for x in xs], dtype=dt, device=dev) * sq
+    klog = torch.zeros((len(xs),), dtype=dt, device=dev)
     if kernel == "linear":
+        # Rounding reference of the centred Gram: the trace of the Gram it is centred from.
+        ref = C.diagonal(dim1=-2, dim2=-1).sum(-1)
         C, t = center_gram_(C, estimator)
         # NaN-propagating comparison: a NaN trace keeps ok True so NaN reaches the output.
         ok = ~(t <= thr)
         sig = torch.ones_like(t)
+        s = torch.where(ok, t / n, torch.ones_like(t))
     else:
         t_lin = C.diagonal(dim1=-2, dim2=-1).sum(-1) - C.sum(dim=(-2, -1)) / n  # tr(HKH), linear
         ok = ~(t_lin <= thr)
-        sigs = []
+        parts = []
         for l in range(len(xs)):
-            Kr, sg = rbf_from_linear(C[l], sigma, ok[l])
-            C[l].copy_(Kr)
-            sigs.append(sg)
-        sig = torch.stack(sigs)
+            M, sg, m, R = rbf_matrix(C[l], sigma, ok[l], estimator)
+            C[l].copy_(M)
+            parts.append((sg, m, R))
+        sig, klog, ref = (torch.stack(v) for v in zip(*parts, strict=True))
         C, t = center_gram_(C, estimator)
+        if estimator == "unbiased":
+            # The diagonal of e^m K is not used (nor formed): normalise by the norm of U(M) instead.
+            t = torch.linalg.vector_norm(C, dim=(-2, -1)) * (n / math.sqrt(N))
         ok = ok & ~(t <= 0)
-    s = torch.where(ok, t / n, torch.ones_like(t))
+        s = torch.where(ok, t / n, torch.ones_like(t))
     C.div_(s[:, None, None])
     # Cascade-summed squares per layer: vector_norm and BLAS dots lose digits over n^2 fp32 entries,
     # a batched mul-sum costs a transient (docs/numerics.md).
     h = torch.stack([(c * c).sum() for c in C]) / N
-    ok = ok & ~(h <= 0)
-    return C, s, ok, h, sig
+    # Degenerate also when the centred Gram is zero up to rounding (e.g. U(K) = 0 for a layer whose
+    # examples are all equal but one: issue 14 item 2). ||centred|| = s sqrt(h N).
+    ok = ok & ~(h <= 0) & ~vanishes(s * (h * N).sqrt(), ref)
+    s = torch.where(ok, s, torch.ones_like(s))
+    return C, s, ok, h, sig, klog
 
 
 # --------------------------------------------------------------------------- pair values
@@ -253,56 +277,61 @@ def pair_weights(
 def grad_from_terms(
     x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor
 ) -> torch.Tensor:
-    """``dX = (2 / s) (sum_k w_k C_k) X^`` for one layer (G formed explicitly, one n^2 d GEMM)."""
+    """``dX = (2 / s) (sum_k w_k C_k) X^`` for one layer (G formed explicitly, one n^2 d GEMM).
+
+    Accumulates in the dtype of the C's (the call's: float64 when any layer is) and returns x's dtype.
+    """
     G = w[0] * Cs[0]
     for wk, Ck in zip(w[1:], Cs[1:], strict=True):
         G.addcmul_(Ck, wk)  # in place: one n x n buffer however many partners
-    return shifted_matmul(G, x, shift_of(x), 2.0 / s, x.dtype)
-
-
-def rbf_grad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    """RBF backward ``-(2/sigma^2)(diag((G o K) 1) - G o K) X`` with G = dL/dK, sigma detached."""
-    Xh = shifted(x)
-    K = sym_gram(x, shift_of(x))
-    a = K.diagonal()
-    D = (a.unsqueeze(1) + a.unsqueeze(0) - 2.0 * K).clamp_min(0.0)
-    D = D - torch.diag_embed(D.diagonal())
-    sig2 = sig * sig
-    Kr = torch.exp(-D / (2.0 * sig2))
-    Wm = (G / s) * Kr
-    Wm = 0.5 * (Wm + Wm.T)
-    out = -(2.0 / sig2) * (Wm.sum(1, keepdim=True) * Xh - Wm @ Xh)
-    return out.to(x.dtype)
+    return shifted_matmul(G, x, shift_of(x).to(G.dtype), 2.0 / s, x.dtype)
 
 
 def layer_grad(
-    x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, s: torch.Tensor, sig: torch.Tensor, kernel: str
+    x: torch.Tensor,
+    Cs: list[torch.Tensor],
+    w: torch.Tensor,
+    s: torch.Tensor,
+    sig: torch.Tensor,
+    klog: torch.Tensor,
+    kernel: str,
+    estimator: str,
 ) -> torch.Tensor:
-    """Backend entry: the gradient of one layer from its partners' matrices ``Cs`` and weights ``w``."""
+    """Backend entry: the gradient of one layer from its partners' matrices ``Cs`` and weights ``w``.
+
+    ``sig``, ``klog``: the layer's RBF bandwidth and kernel scale from the forward (unused: linear).
+    """
     if kernel == "rbf":
-        G = sum(wk * Ck for wk, Ck in zip(w, Cs, strict=False))
-        return rbf_grad(x, G, s, sig)
+        G = w[0] * Cs[0]
+        for wk, Ck in zip(w[1:], Cs[1:], strict=True):
+            G.addcmul_(Ck, wk)
+        shift = shift_of(x).to(G.dtype)
+        Xh = x.to(G.dtype) - shift
+        K = sym_gram(x, shift)
+        return rbf_grad(Xh, K, G, s, sig, klog, estimator).to(x.dtype)
     return grad_from_terms(x, Cs, w, s)
 
 
 # --------------------------------------------------------------------------- feature route
-def feature_prep(x: torch.Tensor):
+def feature_prep(x: torch.Tensor, dt: torch.dtype):
     """Feature-route statistics of one layer: exactly centred, normalised ``Xb = H X^ / sqrt(s)``.
 
-    Returns (Xb, s, ok, aux) with aux = (row sq. norms a, Xb^T 1, r = K~1, S = 1^T K~ 1), all O(nd);
-    no n x n matrix is formed. ``ok`` is the rounding-level test of DESIGN.md section 3 (the caller
-    adds the self-HSIC test).
+    Returns (Xb, s, ok, aux, ref) with aux = (row sq. norms a, Xb^T 1, r = K~1, S = 1^T K~ 1), all
+    O(nd), and ref = ``tr(X^ X^T)`` (the rounding reference of the degeneracy rule); no n x n matrix is
+    formed. ``dt``: the call's accumulation dtype. ``ok`` is the rounding-level test of DESIGN.md
+    section 3 (the caller adds the self-HSIC tests).
     """
     n = x.shape[0]
     # One (n, d) buffer: the shifted copy is centred and normalised in place (same values as out of
     # place; two fewer n x d allocations and passes).
-    Xb = shifted(x)
+    Xb = x.to(dt) - shift_of(x).to(dt)
+    ref = Xb.square().sum()
     Xb.sub_(Xb.mean(dim=0))
     t = Xb.square().sum()
-    ok = ~(t <= degenerate_threshold(x))
+    ok = ~(t <= degenerate_threshold(x).to(dt))
     s = torch.where(ok, t / n, torch.ones_like(t))
     Xb.div_(s.sqrt())
-    return Xb, s, ok, feature_aux(Xb)
+    return Xb, s, ok, feature_aux(Xb), ref
 
 
 def feature_aux(Xb: torch.Tensor):
@@ -349,16 +378,40 @@ def feature_apply(Yb, ay, Z, estimator: str) -> torch.Tensor:
     )
 
 
+#: The feature route's unbiased self-HSIC is a sum of terms of size ``||K||^2`` (``||X^T X||^2 - a'a +
+#: ...``), so it resolves ``||U(K)||^2`` only down to a few eps of their absolute sum: below this many
+#: units the layer is degenerate on this route (measured: docs/numerics.md, "Degenerate layers").
+FEATURE_VANISH_UNITS = 64.0
+
+
+def _feature_self(f, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, degenerate) of one prepared layer: its self-HSIC and whether its centred Gram vanishes
+    at the rounding level of this route."""
+    Xb, s, _, aux, ref = f
+    n = Xb.shape[0]
+    N = hsic_norm(n, estimator)
+    XtX = Xb.T @ Xb
+    h = feature_hsic(Xb, Xb, aux, aux, estimator, XtX)
+    gone = vanishes(s * (h * N).sqrt(), ref)
+    if estimator == "unbiased":
+        a, _, r, S = aux
+        terms = XtX.square().sum() + a @ a + S * S / ((n - 1) * (n - 2)) + 2.0 / (n - 2) * (r @ r)
+        gone = gone | (h * N <= FEATURE_VANISH_UNITS * torch.finfo(h.dtype).eps * terms)
+    return h, gone
+
+
 def feature_fwd(layers: list[torch.Tensor], pairs: list[tuple[int, int]], estimator: str):
     """Backend entry, feature route: (hsic (P,), s, ok, h (each (L,))) of ``layers``, no n x n matrix.
 
-    ``hsic`` is normalised like ``<C_i, C_j> / N`` on the Gram route; ``ok`` includes the self-HSIC test.
+    ``hsic`` is normalised like ``<C_i, C_j> / N`` on the Gram route; ``ok`` includes the self-HSIC tests.
     """
-    feats = [feature_prep(x) for x in layers]
+    dt = stack_dtype(layers)
+    feats = [feature_prep(x, dt) for x in layers]
     s = torch.stack([f[1] for f in feats])
     ok = torch.stack([f[2] for f in feats])
-    h = torch.stack([feature_hsic(f[0], f[0], f[3], f[3], estimator, f[0].T @ f[0]) for f in feats])
-    ok = ok & ~(h <= 0)
+    h, gone = (torch.stack(v) for v in zip(*[_feature_self(f, estimator) for f in feats], strict=True))
+    ok = ok & ~(h <= 0) & ~gone
+    s = torch.where(ok, s, torch.ones_like(s))
     hsic = torch.stack(
         [
             h[i] if i == j else feature_hsic(feats[i][0], feats[j][0], feats[i][3], feats[j][3], estimator)
@@ -382,7 +435,8 @@ def feature_bwd(
     form (:func:`feature_apply`); ``partners[a]`` lists a itself and every layer it is paired with.
     """
     need = sorted({b for a in which for b in partners[a]})
-    feats = {b: feature_prep(layers[b]) for b in need}
+    dt = W.dtype
+    feats = {b: feature_prep(layers[b], dt) for b in need}
     out = []
     for a in which:
         Xb = feats[a][0]
@@ -438,6 +492,7 @@ def group_grad(W: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 __all__ = [
     "gram_fwd",
+    "gram_table",
     "pair_dots",
     "layer_grad",
     "feature_fwd",

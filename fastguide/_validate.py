@@ -7,10 +7,13 @@ section 3); nothing computes. Used by :mod:`fastguide.functional`, :class:`fastg
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ._utils import SHIFT_ROWS
 
 ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
@@ -60,8 +63,14 @@ class Options:
                 raise ValueError(
                     f"sigma is only used with kernel='rbf'; got sigma={sigma!r} with kernel={self.kernel!r}"
                 )
-            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-                raise ValueError(f"sigma must be a positive number or None (median heuristic); got {sigma!r}")
+            if (
+                isinstance(sigma, bool)
+                or not isinstance(sigma, (int, float))
+                or not (sigma > 0 and math.isfinite(sigma))
+            ):
+                raise ValueError(
+                    f"sigma must be a positive finite number or None (median heuristic); got {sigma!r}"
+                )
         if self.tokens in GROUP_TOKENS:
             if self.kernel != "linear":
                 raise ValueError(
@@ -103,23 +112,45 @@ def check_tensor(x, name: str) -> torch.Tensor:
 def as_examples(x: torch.Tensor, tokens: str, name: str) -> torch.Tensor:
     """View an activation as a 2-D (n, d) matrix of examples.
 
-    (n, ...) flattens everything after dim 0. A 3-D (B, T, D) input follows ``tokens``:
-    ``"flatten"`` -> (B, T*D), ``"mean"`` -> (B, D) mean over T, ``"samples"`` -> (B*T, D).
-    The grouped modes (:data:`GROUP_TOKENS`) have no single examples matrix: they raise, naming ``name``
-    (their view is :func:`group_view`).
+    ``"flatten"``: (n, ...) flattens everything after dim 0. ``"mean"`` and ``"samples"`` read a 3-D
+    (B, T, D) sequence, or a 4-D (B, C, H, W) map as H*W tokens of C features (as the grouped modes
+    do): ``"mean"`` -> (B, D) mean over the tokens, ``"samples"`` -> (B*T, D) one example per token.
+    A 2-D (n, d) input already is a matrix of examples (e.g. a pooled layer, or examples reduced
+    earlier) and is used as it is. Other shapes have no token axis and raise, naming ``tokens`` and
+    ``name`` (issue 14 item 8). The grouped modes (:data:`GROUP_TOKENS`) have no single examples
+    matrix: they raise too (their view is :func:`group_view`).
     """
     if tokens in GROUP_TOKENS:
         raise ValueError(
             f"tokens={tokens!r} compares grouped Grams (one per position or per sample), not one (n, d) "
             f"examples matrix of {name}; use fastguide.layer_stats / cka_pairs / cka_groups with it"
         )
-    if x.dim() == 3 and tokens == "mean":
-        return x.mean(dim=1)
-    if x.dim() == 3 and tokens == "samples":
+    if tokens == "flatten":
+        return x.reshape(x.shape[0], 1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
+    if x.dim() == 2:
+        return x
+    if x.dim() == 4:
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    elif x.dim() != 3:
+        raise ValueError(
+            f"tokens={tokens!r} needs (B, T, D) sequence or (B, C, H, W) map activations (or (n, d) "
+            f"examples); {name} has shape {tuple(x.shape)} (use tokens='flatten' to flatten it)"
+        )
+    if tokens == "samples":
         return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
-    if x.dim() == 1:
-        return x.reshape(x.shape[0], 1)
-    return x.reshape(x.shape[0], -1)
+    return token_mean(x)
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over T of a (B, T, D) activation, shifted first: ``mean_t (x_bt - c)`` in the accumulation
+    dtype, c the mean of the first rows' tokens (detached).
+
+    CKA is invariant to the per-feature shift c; averaging the raw values would round the mean at the
+    offset's magnitude before the op's own shift (issue 14 item 6: 7.7e-5 at +5e3 in fp32).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x[:SHIFT_ROWS].detach().to(acc).mean(dim=(0, 1))
+    return (x.to(acc) - c).mean(dim=1)
 
 
 def layer_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
@@ -190,6 +221,9 @@ def pair_types(pairs) -> list[tuple[int, int]]:
     for p in items:
         if isinstance(p, torch.Tensor):
             p = p.tolist()
+        if not isinstance(p, (tuple, list)):
+            hint = " (a flat list? write pairs=[(i, j), ...])" if isinstance(p, int) else ""
+            raise TypeError(f"pairs must hold (i, j) index pairs; got the element {p!r}{hint}")
         if len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
             raise TypeError(f"pairs must hold (i, j) pairs of ints; got {p!r}")
         out.append((p[0], p[1]))

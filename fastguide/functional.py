@@ -98,7 +98,7 @@ def layer_stats(
     with torch.no_grad():
         y2 = y2.detach()
         be = _ops.backend_module(backend, y2.device, kernel)
-        C, s, ok, h, _ = be.gram_fwd([y2], estimator, kernel, sigma)
+        C, s, ok, h, *_ = be.gram_table([y2], estimator, kernel, sigma)
     return LayerStats(C[0], s[0], ok[0], h[0], estimator, kernel)
 
 

@@ -13,6 +13,28 @@ from .functional import GroupStats, LayerStats, cka_pairs
 REDUCTIONS = ("sum", "mean", "none")
 
 
+def _weights(weights) -> torch.Tensor:
+    """Per-pair weights as a float64 vector: a 1-D real tensor or a sequence of real numbers, finite."""
+    if isinstance(weights, torch.Tensor):
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise TypeError(f"weights must be real numbers; got a {weights.dtype} tensor")
+        w = weights.detach().to(torch.float64).clone()
+    else:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise TypeError(
+                f"weights must be a sequence of numbers or a 1-D tensor; got {type(weights).__name__}"
+            )
+        bad = [v for v in weights if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise TypeError(f"weights must hold real numbers; got {bad[0]!r}")
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    if w.dim() != 1 or w.numel() == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence; got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weights must be finite")
+    return w
+
+
 class CKALoss(nn.Module):
     """Alignment loss between target activations and guide activations (or precomputed LayerStats).
 
@@ -47,13 +69,15 @@ class CKALoss(nn.Module):
         # Type check now; the range is checked against the layer lists at call time.
         self.pairs = None if pairs is None else pair_types(pairs)
         if weights is not None:
-            w = torch.as_tensor(weights, dtype=torch.float32).detach().clone()
-            if w.dim() != 1 or w.numel() == 0:
-                raise ValueError(f"weights must be a non-empty 1-D sequence; got shape {tuple(w.shape)}")
+            w = _weights(weights)
             if self.pairs is not None and w.numel() != len(self.pairs):
                 raise ValueError(f"weights has {w.numel()} entries but there are {len(self.pairs)} pairs")
-            if not torch.isfinite(w).all():
-                raise ValueError("weights must be finite")
+            if reduction == "mean" and w.sum() == 0:
+                raise ValueError(
+                    "weights sum to 0, so reduction='mean' (sum w (1 - CKA) / sum w) is undefined; "
+                    "use reduction='sum' or weights with a nonzero sum"
+                )
+            # float64: the loss takes the dtype of the CKAs, so fp64 losses keep the weights' digits.
             self.register_buffer("weights", w)
         else:
             self.weights = None

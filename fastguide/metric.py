@@ -183,15 +183,17 @@ class MinibatchCKA:
         Uses the all-reduced sums after :meth:`sync` (until the next update), else the local ones.
         """
         cross, sx, sy = self._sums()
-        rx = torch.where(sx > 0, sx, torch.ones_like(sx)).sqrt()
-        ry = torch.where(sy > 0, sy, torch.ones_like(sy)).sqrt()
+        # NaN-propagating tests (~(s <= 0), not s > 0): a batch with NaN makes its pairs NaN, as in cka().
+        okx, oky = ~(sx <= 0), ~(sy <= 0)
+        rx = torch.where(okx, sx, torch.ones_like(sx)).sqrt()
+        ry = torch.where(oky, sy, torch.ones_like(sy)).sqrt()
         if self.pairs is not None:
             pi, pj = pair_index([v for p in self.pairs for v in p], cross.device)
-            valid = (sx[pi] > 0) & (sy[pj] > 0)
+            valid = okx[pi] & oky[pj]
             return torch.where(valid, cross / (rx[pi] * ry[pj]), torch.zeros_like(cross))
         A, B = self.shape
         M = cross.view(A, B)
-        valid = (sx > 0).unsqueeze(1) & (sy > 0).unsqueeze(0)
+        valid = okx.unsqueeze(1) & oky.unsqueeze(0)
         return torch.where(valid, M / (rx.unsqueeze(1) * ry.unsqueeze(0)), torch.zeros_like(M))
 
     def sync(self, group=None) -> None:

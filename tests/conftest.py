@@ -1,37 +1,14 @@
-"""Test configuration: Triton interpreter on CPU-only machines, seeding, NaN-poisoned torch.empty.
+"""Test fixtures: NaN-poisoned torch.empty for fastguide code, both CPU Gram schedules.
 
-TRITON_INTERPRET must be set before any module decorates a @triton.jit kernel, i.e. before
-fastguide.kernels is imported, so it happens here at import time.
+The environment set-up (Triton interpreter, autotune skip), the GPU skip and seeding are the shared
+plugin in the repository's root conftest.py, which pytest loads before this file.
 """
 
-import os
+import inspect
 
+import hypothesis_profiles  # noqa: F401  (hypothesis settings profiles: ci by default, long)
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("FASTGUIDE_SKIP_AUTOTUNE", "1")
-
-import inspect  # noqa: E402
-
-import hypothesis_profiles  # noqa: E402, F401  (hypothesis settings profiles: ci by default, long)
-import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
-
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like

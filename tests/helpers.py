@@ -1,4 +1,9 @@
-"""Shared test helpers: one tolerance table and a verbose comparison."""
+"""The test-support layer: one comparison against the tolerance table, and CPU-path switches.
+
+Tolerances come from :data:`fastguide._reference.TOLERANCES` (DESIGN.md section 3), the one table
+shared with the benchmark harness; :func:`assert_close` applies them by kind. The pytest set-up
+(interpreter, markers, GPU skip, seeding) is the root ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +11,104 @@ import contextlib
 
 import torch
 
-# CKA absolute tolerance per input dtype (DESIGN.md section 3); gradients: relative norm.
-CKA_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-GRAD_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+from fastguide import _reference
+from fastguide._reference import TOLERANCES
+
+__all__ = ["TOLERANCES", "tolerance", "assert_close", "layer_parallel_forced"]
+
+# The former names, views of the one table, kept only for tests/kernels/ (rewritten by the kernel work,
+# which moves to assert_close): absolute CKA tolerance and relative gradient tolerance per dtype.
+CKA_ATOL = TOLERANCES["cka"]
+GRAD_RTOL = TOLERANCES["grad"]
+
+#: Kinds compared in norm (relative error of the whole tensor); the others elementwise, absolute.
+NORM_KINDS = ("grad", "gram")
 
 
-def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
-    """Absolute comparison that reports mismatch count, worst index and NaN mismatches."""
-    a = torch.as_tensor(actual).detach().to(torch.float64).cpu()
-    e = torch.as_tensor(expected).detach().to(torch.float64).cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+def tolerance(kind: str, dtype: torch.dtype, length: float = 1.0) -> float:
+    """:func:`fastguide._reference.tolerance`."""
+    return _reference.tolerance(kind, dtype, length)
+
+
+def _f64(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        return torch.tensor(t, dtype=torch.float64)  # Python floats are float64 (not torch's default)
+    return t.detach().to(torch.float64).cpu()
+
+
+def _at(shape, flat: int) -> tuple:
+    return tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), shape)) if len(shape) else ()
+
+
+def assert_close(
+    actual, expected, kind: str, dtype: torch.dtype | None = None, *, length=1.0, floor=0.0, what=""
+):
+    """Assert ``actual`` matches the (float64) ``expected`` within the tolerance of ``kind`` for
+    inputs of ``dtype`` (default: ``actual``'s dtype); ``length`` scales it (:func:`tolerance`).
+
+    Elementwise kinds (``cka``, ``hsic``, ``value``, ``loss``, ``exact64``): ``|a - e| <= tol`` everywhere.
+    Norm kinds (``grad``, ``gram``): ``||a - e|| <= tol max(||e||, floor)``; ``floor`` is the natural
+    scale below which a relative error is ill-posed (e.g. a parameter whose gradient CKA's shift
+    invariance makes 0: pass the norm of the whole model's gradient); with ``floor=0`` an exactly zero
+    ``expected`` must come out exactly zero. NaN must match NaN position for position. The message
+    gives the number of mismatches, the worst index and values, and the NaN mismatches.
+    """
+    if dtype is None:
+        dtype = actual.dtype if isinstance(actual, torch.Tensor) else torch.float64
+    tol = tolerance(kind, dtype, length)
+    label = f"{what}: " if what else ""
+    _compare(actual, expected, tol, kind in NORM_KINDS, f"{kind}, {dtype}", label, float(floor))
+
+
+def _compare(actual, expected, tol: float, norm: bool, how: str, label: str, floor: float = 0.0) -> None:
+    a, e = _f64(actual), _f64(expected)
+    if a.shape != e.shape:
+        raise AssertionError(f"{label}shape {tuple(a.shape)} != expected {tuple(e.shape)}")
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     if not torch.equal(nan_a, nan_e):
-        raise AssertionError(f"{what}: NaN mismatch at {int((nan_a != nan_e).sum())} positions")
-    diff = (a - e).abs().nan_to_num(0.0)
-    bad = diff > atol
-    if bad.any():
-        worst = int(diff.flatten().argmax())
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
+        where = (nan_a != nan_e).nonzero()
+        first = tuple(int(v) for v in where[0])
         raise AssertionError(
-            f"{what}: {int(bad.sum())}/{a.numel()} elements differ by more than {atol:g}; worst at {idx}: "
-            f"{a.flatten()[worst].item():.10g} vs {e.flatten()[worst].item():.10g} "
-            f"(|diff| {diff.max().item():.3g})"
+            f"{label}NaN mismatch at {where.shape[0]}/{a.numel()} positions, first at {first} "
+            f"(actual NaN: {int(nan_a.sum())}, expected NaN: {int(nan_e.sum())})"
+        )
+    diff = (a - e).abs().nan_to_num(0.0)
+    worst = int(diff.flatten().argmax()) if a.numel() else 0
+    detail = ""
+    if a.numel():
+        got, want = a.flatten()[worst].item(), e.flatten()[worst].item()
+        detail = f"worst at {_at(a.shape, worst)}: {got:.10g} vs {want:.10g}"
+    if norm:
+        if not torch.isfinite(a[~nan_a]).all():
+            raise AssertionError(f"{label}non-finite values where finite were expected ({how})")
+        en, err = max(float(e.nan_to_num(0.0).norm()), floor), float(diff.norm())
+        if en == 0.0:
+            if err != 0.0:
+                raise AssertionError(f"{label}expected exactly zero ({how}), got norm {err:.3g}; {detail}")
+            return
+        if err > tol * en:
+            bad = int((diff > tol * en / max(a.numel(), 1) ** 0.5).sum())
+            raise AssertionError(
+                f"{label}relative error {err / en:.3g} > {tol:g} ({how}); {bad}/{a.numel()} "
+                f"elements above their share; {detail}"
+            )
+        return
+    bad = diff > tol
+    if bad.any():
+        raise AssertionError(
+            f"{label}{int(bad.sum())}/{a.numel()} elements differ by more than {tol:g} ({how}); "
+            f"{detail} (|diff| {diff.max().item():.3g})"
         )
 
 
+def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
+    """Former interface (tests/kernels/ only): elementwise ``|a - e| <= atol``, verbose message."""
+    _compare(actual, expected, atol, False, f"atol {atol:g}", f"{what}: " if what else "")
+
+
 def assert_grad_close(actual, expected, rtol: float, what: str = "") -> None:
-    """Relative error of a gradient in norm, ||a - e|| <= rtol ||e|| (exact zeros must stay zero)."""
-    a = actual.detach().to(torch.float64).cpu()
-    e = expected.detach().to(torch.float64).cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite gradient"
-    en = e.norm().item()
-    err = (a - e).norm().item()
-    if en == 0:
-        assert err == 0, f"{what}: expected an exactly zero gradient, got norm {a.norm().item():.3g}"
-        return
-    assert err <= rtol * en, f"{what}: relative gradient error {err / en:.3g} > {rtol:g}"
+    """Former interface (tests/kernels/ only): ``||a - e|| <= rtol ||e||``, exact zeros stay zero."""
+    _compare(actual, expected, rtol, True, f"rtol {rtol:g}", f"{what}: " if what else "")
 
 
 @contextlib.contextmanager

@@ -50,8 +50,12 @@ def sq_distances(x) -> np.ndarray:
 
 
 def median_sigma(x) -> float:
-    """Kornblith et al.'s heuristic: sigma = sqrt(np.median(all n^2 squared distances)), 1 if that is 0."""
-    m = float(np.median(sq_distances(x)))
+    """Kornblith et al.'s heuristic: sigma = sqrt(np.median(all n^2 squared distances)); where that is
+    0, sqrt of the median of the positive ones (scale invariant); 1 if every distance is 0."""
+    D = sq_distances(x)
+    m = float(np.median(D))
+    if m <= 0 and (D > 0).any():
+        m = float(np.median(D[D > 0]))
     return math.sqrt(m) if m > 0 else 1.0
 
 
@@ -127,19 +131,56 @@ def hsic(K: np.ndarray, L: np.ndarray, estimator: str) -> tuple[float, float]:
 
 
 def degenerate(x, eps: float) -> bool:
-    """DESIGN.md section 3: ``sum (X - mean)^2 <= (4 eps)^2 sum X^2`` on the rounded input values."""
+    """DESIGN.md section 3: ``sum (X - mean)^2 <= (k eps)^2 sum X^2`` on the rounded input values, with
+    k = 1 for 16-bit dtypes (eps >= 2^-10) and k = 4 otherwise."""
     X = as_matrix(x)
-    return float(((X - X.mean(axis=0)) ** 2).sum()) <= (4.0 * eps) ** 2 * float((X * X).sum())
+    k = 1.0 if eps >= 2.0**-10 else 4.0
+    return float(((X - X.mean(axis=0)) ** 2).sum()) <= (k * eps) ** 2 * float((X * X).sum())
+
+
+def _centred(K: np.ndarray, estimator: str) -> np.ndarray:
+    """H K H, or the U-centred K (zero diagonal and row sums) for the unbiased estimator."""
+    n = K.shape[0]
+    if estimator == "biased":
+        H = np.eye(n) - np.ones((n, n)) / n
+        return H @ K @ H
+    Kt = K - np.diag(np.diag(K))
+    r = Kt.sum(axis=1)
+    U = Kt - (r[:, None] + r[None, :]) / (n - 2) + Kt.sum() / ((n - 1) * (n - 2))
+    np.fill_diagonal(U, 0.0)
+    return U
+
+
+def vanishing(x, K: np.ndarray, estimator: str, kernel: str, sigma, eps: float) -> bool:
+    """The centred Gram is zero up to the accumulation dtype's rounding: ``||centred K||_F <= 64 eps_acc
+    R``, R the trace of the Gram of the features shifted by the mean of their first 32 rows (linear),
+    or ``||K||_F + ||exp(-D / 2 sigma^2) o (a_i + a_j)||_F / (2 sigma^2)`` off the diagonal (RBF, a those
+    squared norms)."""
+    X = as_matrix(x)
+    Xh = X - X[:32].mean(axis=0)
+    a = (Xh * Xh).sum(axis=1)
+    if kernel == "linear":
+        R = a.sum()
+    else:
+        s2 = sigma * sigma
+        E = np.exp(-sq_distances(x) / (2.0 * s2))
+        np.fill_diagonal(E, 0.0)
+        Ko = K - np.diag(np.diag(K))
+        R = np.linalg.norm(Ko) + np.linalg.norm(E * (a[:, None] + a[None, :])) / (2.0 * s2)
+    eps_acc = np.finfo(np.float64).eps if eps <= np.finfo(np.float64).eps else np.finfo(np.float32).eps
+    return float(np.linalg.norm(_centred(K, estimator))) <= 64.0 * eps_acc * R
 
 
 def self_hsic(x, estimator: str, kernel: str, sigma, eps: float) -> tuple[np.ndarray | None, float]:
     """(kernel, self-HSIC) of a layer, or (None, 0.0) if the layer is degenerate."""
     if degenerate(x, eps):
         return None, 0.0
+    if kernel == "rbf" and sigma is None:
+        sigma = median_sigma(x)
     K = kernel_for_hsic(x, kernel, sigma)
     h, scale = hsic(K, K, estimator)
-    # zero to the rounding of its own evaluation: exactly zero (e.g. all examples equal but one)
-    if h <= 1e3 * np.finfo(np.float64).eps * scale:
+    # zero to the rounding of its own evaluation or of the fast paths' (e.g. all examples equal but one)
+    if h <= 1e3 * np.finfo(np.float64).eps * scale or vanishing(x, K, estimator, kernel, sigma, eps):
         return None, 0.0
     return K, h
 

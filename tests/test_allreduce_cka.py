@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close_verbose, assert_grad_close
+from helpers import assert_close
 from torch import nn
 
 import fastguide as fg
@@ -45,11 +45,12 @@ def test_single_process_equals_cka_pairs(estimator):
     got = allreduce_feature_cka(xs, ys, pairs, estimator=estimator)
     want = fg.cka_pairs(xs, ys, pairs, estimator=estimator)
     assert got.dtype == torch.float32 and got.shape == (4,)
-    assert_close_verbose(
+    assert_close(
         got,
         R.cka_global_batch([[x.double() for x in xs]], [[y.double() for y in ys]], pairs, estimator),
-        1e-6,
-        "oracle",
+        "cka",
+        torch.float32,
+        what="oracle",
     )
     got.sum().backward()
     g1 = [x.grad.clone() for x in xs]
@@ -57,7 +58,7 @@ def test_single_process_equals_cka_pairs(estimator):
         x.grad = None
     want.sum().backward()
     for a, b in zip(g1, [x.grad for x in xs], strict=True):
-        assert_grad_close(a, b, 1e-5, "grad")
+        assert_close(a, b, "grad", torch.float32, what="grad")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -75,10 +76,10 @@ def test_single_process_numerics(estimator, case):
     got = allreduce_feature_cka([x], [y64.to(dt)], estimator=estimator)
     xd = x.detach().double().requires_grad_(True)  # the oracle on the same rounded inputs
     want = R.cka(xd, y64.to(dt).double(), estimator)
-    assert_close_verbose(got, want.reshape(1), 1e-10 if dt == torch.float64 else 1e-5, case)
+    assert_close(got, want.reshape(1), "cka", dt, what=case)
     got.sum().backward()
     want.backward()
-    assert_grad_close(x.grad, xd.grad, 1e-8 if dt == torch.float64 else 1e-4, case)
+    assert_close(x.grad, xd.grad, "grad", dt, what=case)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -87,7 +88,7 @@ def test_degenerate_layer_and_tiny_batch(estimator):
     x, y = (t.float() for t in _layers(n=12, dims=(4, 3)))
     c = allreduce_feature_cka([z, x], [y], [(0, 0), (1, 0)], estimator=estimator)
     assert c[0].item() == 0.0
-    assert_close_verbose(c[1], fg.cka(x, y, estimator=estimator), 1e-5, "the other pair")
+    assert_close(c[1], fg.cka(x, y, estimator=estimator), "cka", torch.float32, what="the other pair")
     c.sum().backward()
     assert torch.count_nonzero(z.grad) == 0
     # A global batch below the estimator's minimum gives NaN (no host sync to raise).
@@ -100,7 +101,9 @@ def test_tokens_and_bad_input():
     y = torch.randn(6, 5, 3)
     for tokens in ("flatten", "mean", "samples"):
         got = allreduce_feature_cka([x], [y], tokens=tokens)
-        assert_close_verbose(got, fg.cka_pairs([x], [y], tokens=tokens, estimator="biased"), 1e-5, tokens)
+        assert_close(
+            got, fg.cka_pairs([x], [y], tokens=tokens, estimator="biased"), "cka", torch.float32, what=tokens
+        )
     with pytest.raises(ValueError, match="tokens must be one of"):
         allreduce_feature_cka([x], [y], tokens="positions")
     with pytest.raises(ValueError, match="estimator must be one of"):
@@ -182,16 +185,16 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         ref_loss.backward()
         for r in range(2):
             rows = slice(sum(SIZES[:r]), sum(SIZES[: r + 1]))
-            assert_close_verbose(res[r][f"{est} cka"], oracle, 1e-5, f"{est} rank {r} cka")
+            assert_close(res[r][f"{est} cka"], oracle, "cka", torch.float32, what=f"{est} rank {r} cka")
             # Each rank's rows get world_size x the global gradient (summed over both ranks' losses).
             for k, (got, f) in enumerate(zip(res[r][f"{est} grads"], full, strict=True)):
-                assert_grad_close(got, 2 * f.grad[rows], 1e-4, f"{est} rank {r} grad {k}")
-            assert_close_verbose(res[r][f"{est} loss"], ref_loss, 1e-5, f"{est} loss")
+                assert_close(got, 2 * f.grad[rows], "grad", torch.float32, what=f"{est} rank {r} grad {k}")
+            assert_close(res[r][f"{est} loss"], ref_loss, "cka", torch.float32, what=f"{est} loss")
             # All parameters as one vector: the last bias's gradient is 0 up to rounding (CKA is
             # shift-invariant), so a per-tensor relative error would compare noise with noise.
             got = torch.cat([g.flatten() for g in res[r][f"{est} param grads"]])
             ref = torch.cat([p.grad.flatten() for p in net.parameters()])
-            assert_grad_close(got, ref, 1e-4, f"{est} rank {r} parameter gradients")
+            assert_close(got, ref, "grad", torch.float32, what=f"{est} rank {r} parameter gradients")
 
 
 # --------------------------------------------------------------------------- costs and the route

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fastguide as fg
 from fastguide import _ops
@@ -73,18 +74,18 @@ def test_compile_fullgraph_training_step_matches_eager():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(x)
     got.backward()
-    assert abs(got.item() - eager.item()) < 1e-5
+    assert_close(got, eager, "loss", torch.float32, length=2, what="aot_eager loss")
     for p, g in zip(net.parameters(), g_eager, strict=False):
-        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
+        assert_close(p.grad, g, "grad", torch.float32, what="aot_eager gradient")
 
     torch._dynamo.reset()
     net.zero_grad()
     inductor = torch.compile(step, fullgraph=True)
     got = inductor(x)
     got.backward()
-    assert abs(got.item() - eager.item()) < 1e-5
+    assert_close(got, eager, "loss", torch.float32, length=2, what="inductor loss")
     for p, g in zip(net.parameters(), g_eager, strict=False):
-        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
+        assert_close(p.grad, g, "grad", torch.float32, what="inductor gradient")
 
 
 @pytest.mark.parametrize("kw", [{"route": "gram"}, {"route": "feature"}, {"kernel": "rbf"}], ids=str)

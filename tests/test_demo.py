@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from helpers import assert_close
 
 from fastguide.experiments import demo, models, tasks
 
@@ -67,7 +68,7 @@ def test_table_and_summary():
     rows = demo.summarize(runs, [task])
     g = rows[1]
     assert g["wins"] == 1 and g["paired"] == 2
-    assert abs(g["delta_test_acc"] - 0.05) < 1e-12
+    assert_close(g["delta_test_acc"], 0.05, "exact64", torch.float64, what="delta")
     text = demo.format_table(rows)
     assert "better on 1/2 seeds" in text
     assert demo.format_table(rows, markdown=True).startswith("| task |")
@@ -118,7 +119,7 @@ def test_causal_transformer_is_causal():
 def test_tasks():
     d = tasks.digits(n_train=100, seed=0)
     assert d.x_train.shape == (100, 1, 8, 8) and d.x_test.shape == (1697, 1, 8, 8)
-    assert abs(float(d.x_train.mean())) < 1e-5
+    assert_close(d.x_train.mean(), 0.0, "value", torch.float32, what="standardised features")
     torch.testing.assert_close(tasks.digits(100, seed=0).x_train, d.x_train)
     c = tasks.CopyPaste(length=5, num_symbols=4, n_test=8)
     x, y = c.x_test, c.y_test

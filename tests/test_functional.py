@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CKA_ATOL, GRAD_RTOL, assert_close_verbose, assert_grad_close
+from helpers import assert_close
 
 import fastguide as fg
 from fastguide import _reference as R
@@ -65,7 +65,7 @@ def test_reference_matches_numpy_oracle(estimator):
         for y in xs:
             ref = R.cka(x, y, estimator).item()
             want = _np_cka(x.numpy(), y.numpy(), estimator)
-            assert abs(ref - want) < 1e-12
+            assert_close(ref, want, "exact64", torch.float64, what="oracle vs numpy")
 
 
 def test_reference_u_centring_equals_closed_form():
@@ -73,7 +73,7 @@ def test_reference_u_centring_equals_closed_form():
     K, L = R.linear_gram(x), R.linear_gram(y)
     n = K.shape[0]
     via_u = (R.u_center(K) * R.u_center(L)).sum() / (n * (n - 3))
-    assert torch.allclose(via_u, R.hsic_unbiased(K, L), rtol=1e-12, atol=0)
+    assert_close(via_u / R.hsic_unbiased(K, K), R.hsic_unbiased(K, L) / R.hsic_unbiased(K, K), "exact64")
 
 
 # --------------------------------------------------------------------------- forward against the oracle
@@ -83,7 +83,7 @@ def test_cka_matrix_matches_reference(estimator, route):
     xs = _layers()
     got = fg.cka_matrix(xs, estimator=estimator, route=route)
     assert got.shape == (3, 3) and got.dtype == torch.float32
-    assert_close_verbose(got, R.cka_matrix(xs, estimator=estimator), CKA_ATOL[torch.float32], "matrix")
+    assert_close(got, R.cka_matrix(xs, estimator=estimator), "cka", torch.float32, what="matrix")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -91,35 +91,30 @@ def test_cka_matrix_rectangular_and_pairs(estimator):
     xs = _layers(dims=(6, 9))
     ys = _layers(dims=(11, 2, 30))
     ref = R.cka_matrix(xs, ys, estimator=estimator)
-    assert_close_verbose(fg.cka_matrix(xs, ys, estimator=estimator), ref, 1e-5, "rect")
+    assert_close(fg.cka_matrix(xs, ys, estimator=estimator), ref, "cka", torch.float32, what="rect")
     pairs = [(1, 2), (0, 0), (1, 0), (0, 2)]
     got = fg.cka_pairs(xs, ys, pairs, estimator=estimator)
-    assert_close_verbose(got, torch.stack([ref[i, j] for i, j in pairs]), 1e-5, "pairs")
+    assert_close(got, torch.stack([ref[i, j] for i, j in pairs]), "cka", torch.float32, what="pairs")
     one = fg.cka(xs[1], ys[2], estimator=estimator)
     assert one.dim() == 0
-    assert_close_verbose(one, ref[1, 2], 1e-5, "cka")
+    assert_close(one, ref[1, 2], "cka", torch.float32, what="cka")
 
 
-_MEDIAN_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 14 item 5: torch.median's lower middle value, not np.median's mean (n=20)"
-)
-
-
-@pytest.mark.parametrize("sigma", [pytest.param(None, marks=_MEDIAN_XFAIL), 4.0], ids=["median", "sigma4"])
+@pytest.mark.parametrize("sigma", [None, 4.0], ids=["median", "sigma4"])  # median: np.median's (item 5)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_rbf_kernel(estimator, sigma):
     xs = _layers(n=20)
     got = fg.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
     ref = R.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=sigma)
-    assert_close_verbose(got, ref, 1e-5, f"rbf sigma={sigma}")
+    assert_close(got, ref, "cka", torch.float32, what=f"rbf sigma={sigma}")
 
 
 def test_gram_matches_reference():
     x = _layers(n=10, dims=(13,), offset=1e4)[0]
-    assert_close_verbose(fg.gram(x), R.centered_gram(x), 1e-3 * R.centered_gram(x).abs().max().item(), "gram")
+    assert_close(fg.gram(x), R.centered_gram(x), "gram", torch.float32, length=13, what="gram")
     raw = fg.gram(x.double(), center=False)
     X = x.double()
-    assert_close_verbose(raw, X @ X.T, 1e-6, "raw gram")
+    assert_close(raw, X @ X.T, "gram", torch.float64, length=13, what="raw gram")
     g = fg.gram(torch.randn(6, 4, dtype=torch.float16))
     assert g.dtype == torch.float32
 
@@ -133,7 +128,7 @@ def test_fp32_scale_invariance(scale, estimator, route):
     ref = R.cka_matrix(xs64, estimator=estimator)
     xs = [(x * scale).float() for x in xs64]
     got = fg.cka_matrix(xs, estimator=estimator, route=route)
-    assert_close_verbose(got, ref, CKA_ATOL[torch.float32], f"scale {scale}")
+    assert_close(got, ref, "cka", torch.float32, what=f"scale {scale}")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -151,9 +146,15 @@ def test_fp32_large_n_pair_products_stay_accurate(estimator):
     want = fg.cka_matrix(xs, estimator=estimator, route="gram")
     xs32 = [x.float() for x in xs]
     got = fg.cka_matrix(xs32, estimator=estimator, route="gram")
-    assert_close_verbose(got, want, CKA_ATOL[torch.float32], "cka_matrix n=1024")
+    assert_close(got, want, "cka", torch.float32, what="cka_matrix n=1024")
     pairs = fg.cka_pairs(xs32[:2], xs32[1:], [(0, 0), (1, 1), (0, 1)], estimator=estimator, route="gram")
-    assert_close_verbose(pairs, torch.stack([want[0, 1], want[1, 2], want[0, 2]]), 1e-5, "cka_pairs n=1024")
+    assert_close(
+        pairs,
+        torch.stack([want[0, 1], want[1, 2], want[0, 2]]),
+        "cka",
+        torch.float32,
+        what="cka_pairs n=1024",
+    )
 
 
 def test_fp32_conv_sized_layer_at_1e6_does_not_overflow():
@@ -163,7 +164,7 @@ def test_fp32_conv_sized_layer_at_1e6_does_not_overflow():
     y = torch.randn(n, 30, dtype=torch.float64)
     got = fg.cka(x.float(), y.float(), route="gram")
     assert torch.isfinite(got)
-    assert abs(got.item() - R.cka(x, y).item()) < 1e-5
+    assert_close(got, R.cka(x, y), "cka", torch.float32, what="1e6 x 200000")
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -174,7 +175,7 @@ def test_large_offsets(estimator, route):
     got = fg.cka_matrix(xs, estimator=estimator, route=route)
     # The oracle sees the same fp32-rounded inputs (rounding x + 1e4 to fp32 is the input's own error).
     ref = R.cka_matrix([x.double() for x in xs], estimator=estimator)
-    assert_close_verbose(got, ref, 1e-5, "offset 1e4")
+    assert_close(got, ref, "cka", torch.float32, what="offset 1e4")
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -197,7 +198,7 @@ def test_degenerate_layers_give_zero_and_zero_grad(bad, estimator, route):
     c = fg.cka_pairs([z, x], [x, z], [(0, 0), (1, 1), (1, 0), (0, 1)], estimator=estimator, route=route)
     assert torch.isfinite(c).all()
     assert c[0].item() == 0.0 and c[1].item() == 0.0 and c[3].item() == 0.0
-    assert abs(c[2].item() - 1.0) < 1e-5
+    assert_close(c[2], 1.0, "cka", torch.float32, what="CKA(x, x)")
     c.sum().backward()
     assert torch.isfinite(z.grad).all() and torch.count_nonzero(z.grad) == 0
     assert torch.isfinite(x.grad).all()
@@ -208,7 +209,7 @@ def test_legitimate_layer_with_huge_offset_is_kept():
     xf = (x + 1e6).float()  # fp32 spacing at 1e6 is 0.0625: a coarse but legitimate layer
     got = fg.cka(xf, x.float())
     assert got.item() > 0.99
-    assert abs(got.item() - R.cka(xf.double(), x).item()) < 1e-5
+    assert_close(got, R.cka(xf.double(), x), "cka", torch.float32, what="+1e6 offset")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -219,7 +220,7 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype, estimator):
     ref = R.cka_matrix([x.double() for x in xs], estimator=estimator)
     got = fg.cka_matrix(xs, estimator=estimator)
     assert got.dtype == torch.float32
-    assert_close_verbose(got, ref, CKA_ATOL[dtype], str(dtype))
+    assert_close(got, ref, "cka", dtype, what=str(dtype))
     xg = xs[0].clone().requires_grad_(True)
     fg.cka(xg, xs[1], estimator=estimator).backward()
     assert xg.grad.dtype == dtype and torch.isfinite(xg.grad.float()).all()
@@ -233,7 +234,7 @@ def test_transposed_and_sliced_inputs(route):
     for t in (xt, ys):
         assert not t.is_contiguous()
     got = fg.cka(xt, ys, route=route)
-    assert abs(got.item() - R.cka(xt, ys).item()) < 1e-5
+    assert_close(got, R.cka(xt, ys), "cka", torch.float32, what="strided")
     xt = xt.clone().requires_grad_(True)  # contiguous copy, then a transposed view of a leaf
     leaf = torch.randn(15, 20, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: fg.cka(a.T, ys.double(), route=route), (leaf,))
@@ -249,9 +250,9 @@ def test_gram_and_feature_routes_agree(estimator):
         c = fg.cka_matrix(xs, estimator=estimator, route=route)
         (c * torch.arange(9.0).view(3, 3)).sum().backward()
         out[route] = (c.detach(), [x.grad.clone() for x in xs])
-    assert_close_verbose(out["gram"][0], out["feature"][0], 1e-5, "routes")
+    assert_close(out["gram"][0], out["feature"][0], "cka", torch.float32, what="routes")
     for g, f in zip(out["gram"][1], out["feature"][1], strict=False):
-        assert_grad_close(f, g, 1e-4, "route grads")
+        assert_close(f, g, "grad", torch.float32, what="route grads")
 
 
 def test_auto_route_picks_feature_when_n_exceeds_d():
@@ -274,7 +275,7 @@ def test_tokens_modes(tokens):
         want = R.cka(x.mean(1), y.mean(1))
     else:
         want = R.cka(x.reshape(40, 6), y.reshape(40, 3))
-    assert abs(got.item() - want.item()) < 1e-10
+    assert_close(got, want, "cka", torch.float64, what=f"tokens={tokens!r}")
 
 
 def test_nan_input_propagates():
@@ -302,7 +303,7 @@ def test_fp32_gradients_match_reference(estimator, route):
     w = torch.randn(3, 3)
     (fg.cka_matrix(xs, estimator=estimator, route=route) * w).sum().backward()
     for x, g in zip(xs, _ref_grads(xs, w, estimator), strict=False):
-        assert_grad_close(x.grad, g, GRAD_RTOL[torch.float32], "grad")
+        assert_close(x.grad, g, "grad", torch.float32, what="grad")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -311,7 +312,7 @@ def test_rbf_gradients_match_reference(estimator):
     w = torch.randn(2, 2)
     (fg.cka_matrix(xs, estimator=estimator, kernel="rbf", sigma=3.0) * w).sum().backward()
     for x, g in zip(xs, _ref_grads(xs, w, estimator, "rbf", 3.0), strict=False):
-        assert_grad_close(x.grad, g, 1e-4, "rbf grad")
+        assert_close(x.grad, g, "grad", torch.float32, what="rbf grad")
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -351,12 +352,12 @@ def test_precomputed_layer_stats_give_same_values_and_target_grads():
     stats = [fg.layer_stats(y) for y in ys]
     assert all(isinstance(s, fg.LayerStats) and s.C.shape == (20, 20) for s in stats)
     pre = fg.cka_pairs(xs, stats, [(0, 1), (1, 0)])
-    assert_close_verbose(pre, direct, 1e-6, "precomputed")
+    assert_close(pre, direct, "cka", torch.float32, what="precomputed")
     pre.sum().backward()
     for a, b in zip(xs, g_direct, strict=False):
-        assert_grad_close(a.grad, b, 1e-5, "precomputed grad")
+        assert_close(a.grad, b, "grad", torch.float32, what="precomputed grad")
     mixed = fg.cka_pairs(xs, [ys[0], stats[1]], [(0, 1), (1, 0)])
-    assert_close_verbose(mixed, direct, 1e-6, "mixed")
+    assert_close(mixed, direct, "cka", torch.float32, what="mixed")
 
 
 def test_guide_layers_get_no_gradient_work():

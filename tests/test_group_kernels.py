@@ -3,7 +3,7 @@
 import pytest
 import torch
 from fastguide.kernels import group
-from helpers import assert_close_verbose
+from helpers import assert_close
 
 from fastguide._torch_backend import group_shift
 from fastguide._validate import group_view
@@ -46,8 +46,10 @@ def test_group_gram_matches_torch(name):
     X = _views()[name]
     K, sq = group.group_gram_fwd(X, group_shift(X).contiguous())
     assert K.shape == (X.shape[0], X.shape[1], X.shape[1]) and K.dtype == torch.float32
-    assert_close_verbose(K, _torch_gram(X.double(), torch.float64), 1e-4, f"{name} K")
-    assert_close_verbose(sq, X.double().square().sum(dim=(1, 2)), 1e-3, f"{name} ||x||^2")
+    d = X.shape[2]
+    assert_close(K, _torch_gram(X.double(), torch.float64), "gram", torch.float32, length=d, what=f"{name} K")
+    want = X.double().square().sum(dim=(1, 2))
+    assert_close(sq, want, "gram", torch.float32, length=X[0].numel(), what=f"{name} ||x||^2")
 
 
 def test_group_gram_into_a_float64_slot_and_fp64_inputs():
@@ -56,10 +58,11 @@ def test_group_gram_into_a_float64_slot_and_fp64_inputs():
     K, sq = group.group_gram_fwd(X, group_shift(X).contiguous(), out[1])
     assert K.data_ptr() == out[1].data_ptr() and sq.dtype == torch.float64
     assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
-    assert_close_verbose(out[1], _torch_gram(X.double(), torch.float64), 1e-4, "fp32 -> fp64 slot")
+    want = _torch_gram(X.double(), torch.float64)
+    assert_close(out[1], want, "gram", torch.float32, length=X.shape[2], what="fp32 -> fp64 slot")
     X64 = X.double()
     K64, _ = group.group_gram_fwd(X64, group_shift(X64).contiguous())
-    assert_close_verbose(K64, _torch_gram(X64, torch.float64), 1e-10, "fp64")
+    assert_close(K64, _torch_gram(X64, torch.float64), "gram", torch.float64, length=X.shape[2], what="fp64")
 
 
 @pytest.mark.parametrize("name", list(_views()))
@@ -72,14 +75,14 @@ def test_group_grad_matches_torch(name):
     Xh = X.double() - group_shift(X).double()[:, None]
     want = (W.double() @ Xh) * scale.double()[:, None, None]
     assert dx.shape == X.shape and dx.dtype == X.dtype and dx.is_contiguous()
-    assert_close_verbose(dx, want, 1e-4, name)
+    assert_close(dx, want, "gram", torch.float32, length=n, what=name)
 
 
 def test_bf16_view_accumulates_in_fp32():
     X = group_view(_randn(6, 18, 20).bfloat16(), "positions", "x")
     K, _ = group.group_gram_fwd(X, group_shift(X).contiguous())
     assert K.dtype == torch.float32
-    assert_close_verbose(K, _torch_gram(X.double(), torch.float64), 1e-3, "bf16")
+    assert_close(K, _torch_gram(X.double(), torch.float64), "gram", torch.bfloat16, length=20, what="bf16")
 
 
 def test_launchers_check_their_arguments():

@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import fastguide
@@ -208,7 +209,7 @@ def test_module_called_several_times(policy):
                 continue
             gd.loss(x)
             want = h1 if policy == "first" else h2
-            torch.testing.assert_close(gd.last_cka[0], fastguide.cka(want, g), rtol=1e-5, atol=1e-6)
+            assert_close(gd.last_cka[0], fastguide.cka(want, g), "cka", torch.float32, what=policy)
     multi = [w for w in rec if "ran several times" in str(w.message)]
     assert len(multi) == (1 if policy == "warn" else 0)  # warned once, not every step
     with pytest.raises(ValueError, match="multi_call"):

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import fastguide
@@ -161,7 +162,7 @@ def test_evaluation_without_a_guard(ctx):
         model.net(x_val)
         val = g.loss(x_val)  # ... but evaluation still measures the alignment, for logging
     assert not val.requires_grad and val > 0
-    torch.testing.assert_close(g.last_cka[0], want, rtol=1e-5, atol=1e-6)
+    assert_close(g.last_cka[0], want, "cka", torch.float32, what="last_cka")
     assert g.step == 1  # evaluation does not advance the schedule
 
 
@@ -180,7 +181,7 @@ def test_evaluation_forward_between_training_forward_and_loss():
     with torch.no_grad():
         g.loss(x_val)
         want = fastguide.cka(model.net[0](x_val), model.guide[0](x_val))
-    torch.testing.assert_close(g.last_cka[0], want, rtol=1e-5, atol=1e-6)
+    assert_close(g.last_cka[0], want, "cka", torch.float32, what="last_cka")
 
 
 def test_mask_selects_tokens():
@@ -198,7 +199,7 @@ def test_mask_selects_tokens():
         with fastguide.Guidance(target, guide, layers={"0": "0"}, tokens="samples", route=route) as g:
             target(x)
             g.loss(x, mask=mask).backward()
-            torch.testing.assert_close(g.last_cka[0], want, rtol=1e-5, atol=1e-6)
+            assert_close(g.last_cka[0], want, "cka", torch.float32, what="last_cka")
     with fastguide.Guidance(target, guide, layers={"0": "0"}) as g:
         target(x)
         with pytest.raises(ValueError, match="mask needs tokens='samples'"):

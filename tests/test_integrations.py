@@ -5,6 +5,7 @@ from configs: nothing is downloaded)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -352,7 +353,7 @@ def test_hf_guided_trainer_accumulation_eval_and_scaling(tmp_path):
     with torch.no_grad():
         task = Trainer.compute_loss(trainer, model, batch, num_items_in_batch=torch.tensor(80))
     assert trainer._scaled_for_accumulation(torch.tensor(80))
-    torch.testing.assert_close(total.detach(), task + term / 2, rtol=1e-5, atol=1e-6)
+    assert_close(total, task + term / 2, "loss", torch.float32, length=term.numel(), what="Trainer loss")
 
 
 def test_hf_attention_mask_selects_tokens():
@@ -370,7 +371,7 @@ def test_hf_attention_mask_selects_tokens():
         model(input_ids=ids, attention_mask=mask)
         g.loss({"input_ids": ids, "attention_mask": mask}, mask=mask)
     want = fastguide.cka(h.reshape(-1, h.shape[-1])[keep], b.reshape(-1, b.shape[-1])[keep])
-    torch.testing.assert_close(g.last_cka[0], want, rtol=1e-5, atol=1e-6)
+    assert_close(g.last_cka[0], want, "cka", torch.float32, what="masked tokens")
 
 
 # --------------------------------------------------------------------------- accelerate

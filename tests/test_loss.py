@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_grad_close
+from helpers import assert_close
 
 import fastguide as fg
 
@@ -21,7 +21,7 @@ def test_sum_is_sum_of_one_minus_cka():
     pairs = [(0, 0), (1, 1), (2, 1)]
     loss = fg.CKALoss(pairs)(t, g)
     want = (1 - fg.cka_pairs(t, g, pairs)).sum()
-    assert torch.allclose(loss, want)
+    assert_close(loss, want, "loss", torch.float32, length=3, what="sum")
 
 
 def test_reductions_and_weights():
@@ -29,10 +29,12 @@ def test_reductions_and_weights():
     pairs = [(0, 0), (1, 1), (2, 1)]
     w = torch.tensor([1.0, 2.0, 0.5])
     per = 1 - fg.cka_pairs(t, g, pairs)
-    assert torch.allclose(fg.CKALoss(pairs, w, reduction="none")(t, g), w * per)
-    assert torch.allclose(fg.CKALoss(pairs, w)(t, g), (w * per).sum())
-    assert torch.allclose(fg.CKALoss(pairs, w, reduction="mean")(t, g), (w * per).sum() / w.sum())
-    assert torch.allclose(fg.CKALoss(pairs, reduction="mean")(t, g), per.mean())
+    f32 = torch.float32
+    assert_close(fg.CKALoss(pairs, w, reduction="none")(t, g), w * per, "loss", f32, length=2, what="none")
+    assert_close(fg.CKALoss(pairs, w)(t, g), (w * per).sum(), "loss", f32, length=3.5, what="sum")
+    want = (w * per).sum() / w.sum()
+    assert_close(fg.CKALoss(pairs, w, reduction="mean")(t, g), want, "loss", f32, what="mean")
+    assert_close(fg.CKALoss(pairs, reduction="mean")(t, g), per.mean(), "loss", f32, what="unweighted mean")
 
 
 def test_gradients_equal_explicit_cka():
@@ -45,7 +47,7 @@ def test_gradients_equal_explicit_cka():
     (1 - fg.cka_pairs(t, g, pairs, estimator="biased")).sum().backward()
     for a, x in zip(got, t, strict=False):
         want = x.grad if x.grad is not None else torch.zeros_like(x)
-        assert_grad_close(a, want, 1e-6, "loss grad")
+        assert_close(a, want, "grad", torch.float32, what="loss grad")
     assert t[1].grad is None  # a layer in no pair gets no gradient
 
 
@@ -55,7 +57,7 @@ def test_one_to_one_default_and_layer_stats():
     with pytest.raises(ValueError, match="pairs=None"):
         loss(t, g)
     stats = [fg.layer_stats(y) for y in g]
-    assert torch.allclose(loss(t[:2], stats), loss(t[:2], g), atol=1e-6)
+    assert_close(loss(t[:2], stats), loss(t[:2], g), "loss", torch.float32, length=2, what="LayerStats")
 
 
 def test_repr_buffers_and_bad_options():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import assert_close
 
 import fastguide as fg
 from fastguide import _reference as R
@@ -30,7 +31,7 @@ def test_single_batch_equals_cka(estimator):
     (xs,) = _batches([32])
     m = fg.MinibatchCKA(estimator)
     m.update(xs)
-    assert torch.allclose(m.compute(), fg.cka_matrix(xs, estimator=estimator).double(), atol=1e-6)
+    assert_close(m.compute(), fg.cka_matrix(xs, estimator=estimator), "cka", torch.float32, what="one batch")
 
 
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
@@ -44,7 +45,7 @@ def test_unequal_batches_match_reference(estimator):
     assert got.shape == (2, 1) and got.dtype == torch.float64
     for a in range(2):
         want = R.minibatch_cka([b[a] for b in batches], [b[0] for b in ys_batches], estimator)
-        assert abs(got[a, 0].item() - want.item()) < 1e-6
+        assert_close(got[a, 0], want, "cka", torch.float32, what=f"layer {a}")
 
 
 def test_scale_and_offset_robust_accumulators():
@@ -55,7 +56,7 @@ def test_scale_and_offset_robust_accumulators():
         m.update([x * 1e6 + 1e7, x])
         m_ref.update([x.double(), x.double()])
     assert torch.isfinite(m.compute()).all()
-    assert torch.allclose(m.compute(), m_ref.compute(), atol=1e-5)
+    assert_close(m.compute(), m_ref.compute(), "cka", torch.float32, what="1e6 scale, 1e7 offset")
 
 
 def test_pairs_reset_and_degenerate():
@@ -65,7 +66,8 @@ def test_pairs_reset_and_degenerate():
     m.update(xs + [torch.zeros(20, 3)], [xs[1], torch.zeros(20, 2)])
     v = m.compute()
     assert v.shape == (2,)
-    assert abs(v[0].item() - 1.0) < 1e-6 and v[1].item() == 0.0
+    assert_close(v[0], 1.0, "cka", torch.float32, what="CKA(x, x)")
+    assert v[1].item() == 0.0
     with pytest.raises(ValueError, match="earlier updates"):
         m.update(xs, xs)
     m.reset()
@@ -100,7 +102,8 @@ def test_sync_all_reduces_over_two_ranks(tmp_path):
     for b in _batches([24, 13, 30, 8]):
         full.update(b)
     for r in range(2):
-        assert torch.allclose(torch.load(tmp_path / f"rank{r}.pt"), full.compute(), atol=1e-10)
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert_close(got, full.compute(), "cka", torch.float32, what=f"rank {r}: all-reduced sums")
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -188,7 +191,7 @@ def test_state_saved_on_gpu_resumes_on_cpu(tmp_path):
     ref = fg.MinibatchCKA()
     ref.update(a)
     ref.update(b)
-    assert torch.allclose(n.compute(), ref.compute(), atol=1e-6)
+    assert_close(n.compute(), ref.compute(), "cka", torch.float32, what="loaded state")
 
 
 def test_load_state_dict_names_what_differs():

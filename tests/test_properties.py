@@ -3,10 +3,11 @@
 Random shapes, dtypes, scales (1e-6..1e6), offsets, strides (transposed, strided, stride-0
 expanded, channels_last), data structures (low rank, heavy tails, duplicate rows, dead ReLUs),
 (B, T, D) inputs with every ``tokens=``, both estimators, both kernels, every route and the torch
-backend; the Triton backend under the interpreter on tiny cases. Tolerances are DESIGN.md section 3's
-(tests/helpers.py). What the strategies leave out, and why, is in tests/props.py. Cases the suite
-failed on (test tolerances and oracle fixes) are kept as ``@example`` regressions; breaks of the ops
-it found are strict-xfail tests in tests/test_issue14_regressions.py. Profiles (``ci`` by default,
+backend; the Triton backend under the interpreter on tiny cases; float32 and float64 layers in one
+call. Tolerances are DESIGN.md section 3's (``fastguide._reference.TOLERANCES`` through
+tests/helpers.py). What the strategies leave out, and why, is in tests/props.py. Cases the suite
+failed on are kept as ``@example`` regressions; breaks of the ops it found are tests in
+tests/test_issue14_regressions.py (strict xfail where still open). Profiles (``ci`` by default,
 ``long``) are in tests/hypothesis_profiles.py.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import props as P
 import pytest
 import torch
-from helpers import CKA_ATOL, GRAD_RTOL, assert_close_verbose
+from helpers import assert_close, tolerance
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import examples
@@ -28,33 +29,44 @@ from fastguide import _utils as fastguide_utils
 F32, F64 = torch.float32, torch.float64
 
 
-def _tol(dtype) -> float:
-    return CKA_ATOL[dtype]
-
-
-def _check_values(got, want, dtype, what):
+def _check_values(got, want, dtype, what, zero=None):
+    """Values within the CKA tolerance; pairs with a degenerate layer (``zero``) exactly 0."""
     assert torch.isfinite(got).all(), f"{what}: non-finite {got}"
-    assert_close_verbose(got, want, _tol(dtype), what)
-    zero = want == 0  # degenerate pairs: exactly 0, not merely small
-    assert not got.double()[zero].any(), f"{what}: degenerate pairs not exactly 0: {got}"
+    assert_close(got, want, "cka", dtype, what=what)
+    if zero is not None:
+        assert not got.double()[zero.reshape(got.shape)].any(), (
+            f"{what}: degenerate pairs not exactly 0: {got}"
+        )
 
 
-def _check_grads(xs, grads, refs, weights_per_layer, dtype, what, rtol=None):
-    rtol = GRAD_RTOL[dtype] if rtol is None else rtol
+def _check_grads(xs, grads, refs, weights_per_layer, dtype, what, degenerate=None, rtol=None, half=False):
+    """Each layer's gradient against the float64 one: within ``P.grad_tolerance``; exactly 0 for a layer
+    the oracle declares degenerate (``degenerate``: flags per layer). ``half``: fp16/bf16 inputs, whose
+    gradient is the fp32 one rounded once (docs/numerics.md): the rounding of the exact gradient is
+    allowed on top of the fp32 tolerance (fp16 values below its normal range included)."""
+    rtol = tolerance("grad", F32 if half else dtype) if rtol is None else rtol
     for k, (x, g, r) in enumerate(zip(xs, grads, refs, strict=True)):
         if g is None:  # a layer in no pair gets no gradient
             assert not r.any(), f"{what}: layer {k} got no gradient"
             continue
         assert g.shape == x.shape, f"{what}: layer {k} gradient shape {tuple(g.shape)}"
         assert torch.isfinite(g).all(), f"{what}: layer {k} non-finite gradient"
-        if R.is_degenerate(x):
+        if R.is_degenerate(x) or (degenerate is not None and degenerate[k]):
             assert not g.any(), f"{what}: degenerate layer {k} should get an exactly zero gradient"
             continue
         err = float((g.double() - r).norm())
         tol = P.grad_tolerance(rtol, r, x, weights_per_layer[k])
+        if half:
+            tol += 2.0 * float((r.to(x.dtype).double() - r).norm())
         assert err <= tol, (
             f"{what}: layer {k} gradient error {err:.3g} > {tol:.3g} (|g| {float(r.norm()):.3g})"
         )
+
+
+def _degenerate(xs, kw, tokens="flatten"):
+    """Per layer: degenerate for the oracle under these options (its gradient must be exactly 0)."""
+    est, kernel, sigma = kw["estimator"], kw["kernel"], kw["sigma"]
+    return [not R.layer_oracle(P.ref_examples(x.detach(), tokens), est, kernel, sigma).ok for x in xs]
 
 
 def _layer_weights(pairs, weights, A):
@@ -65,12 +77,13 @@ def _layer_weights(pairs, weights, A):
 
 
 def _case(a: Layers, b: Layers, opts: Options, route=None):
-    """Tensors and keyword arguments of a case; rejects (assume) the regions of known breaks."""
+    """(xs, ys, keyword arguments, dtype of the tolerances) of a case; rejects (assume) the regions
+    still left to tests/test_issue14_regressions.py."""
     xs, ys = a.build(), b.build(salt=1)
-    assume(P.median_ok(a.n, opts))
+    assume(all(bool(torch.isfinite(t).all()) for t in xs + ys))  # fp16 overflows beyond 65504
     kw = opts.kwargs(xs + ys)
     assume(not P.known_break(xs + ys, opts.estimator, opts.kernel, kw["sigma"], route or opts.route))
-    return xs, ys, kw
+    return xs, ys, kw, P.case_dtype(a.dtype, b.dtype)
 
 
 # --------------------------------------------------------------------------- forward
@@ -94,21 +107,29 @@ def _case(a: Layers, b: Layers, opts: Options, route=None):
 )
 def test_matrix_pairs_and_cka_agree_with_oracle(specs, opts, raw_pairs):
     a, b = specs
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     M = fg.cka_matrix(xs, ys, **kw)
     _check_values(
-        M, P.ref_matrix(xs, ys, kw["estimator"], kw["kernel"], kw["sigma"]), a.dtype, f"cka_matrix {kw}"
+        M,
+        P.ref_matrix(xs, ys, kw["estimator"], kw["kernel"], kw["sigma"]),
+        dt,
+        f"cka_matrix {kw}",
+        zero=P.ref_zero(xs, ys, kw["estimator"], kw["kernel"], kw["sigma"]),
     )
     pairs = P.pairs_for(raw_pairs, len(xs), len(ys))
     got = fg.cka_pairs(xs, ys, pairs, **kw)
-    assert_close_verbose(got, torch.stack([M[i, j] for i, j in pairs]), _tol(a.dtype), "cka_pairs vs matrix")
+    assert_close(got, torch.stack([M[i, j] for i, j in pairs]), "cka", dt, what="cka_pairs vs matrix")
     i, j = pairs[0]
-    assert_close_verbose(fg.cka(xs[i], ys[j], **kw), M[i, j], _tol(a.dtype), "cka vs matrix")
+    assert_close(fg.cka(xs[i], ys[j], **kw), M[i, j], "cka", dt, what="cka vs matrix")
     S = fg.cka_matrix(xs, **kw)
     _check_values(
-        S, P.ref_matrix(xs, xs, kw["estimator"], kw["kernel"], kw["sigma"]), a.dtype, "cka_matrix(xs)"
+        S,
+        P.ref_matrix(xs, xs, kw["estimator"], kw["kernel"], kw["sigma"]),
+        a.dtype,
+        "cka_matrix(xs)",
+        zero=P.ref_zero(xs, xs, kw["estimator"], kw["kernel"], kw["sigma"]),
     )
-    assert_close_verbose(S, S.T, _tol(a.dtype), "cka_matrix(xs) symmetric")
+    assert_close(S, S.T, "cka", a.dtype, what="cka_matrix(xs) symmetric")
 
 
 # --------------------------------------------------------------------------- gradients
@@ -123,7 +144,7 @@ def test_matrix_pairs_and_cka_agree_with_oracle(specs, opts, raw_pairs):
     raw_pairs=[(0, 0)],
     weights=[1.5, 0.0, 0.0, 0.0],
 )
-@example(  # two equal rows of four (U(K) = 0): rejected, pinned in test_issue14_regressions.py
+@example(  # two equal rows of four (U(K) = 0, issue 14 item 2): degenerate, gradient exactly 0
     specs=(
         Layers(786735, 4, (2, 1, 1), F32, 0.0, 0.0, "relu", "contiguous"),
         Layers(0, 4, (1,), F32, 0.0, 0.0, "gauss", "contiguous"),
@@ -135,17 +156,15 @@ def test_matrix_pairs_and_cka_agree_with_oracle(specs, opts, raw_pairs):
 def test_gradients_match_float64_autograd(specs, opts, raw_pairs, weights):
     """d(sum_p w_p CKA_p)/dx for every target layer against fp64 autograd through the oracle."""
     a, b = specs
-    assume(opts.kernel == "linear" or a.dtype == F64)  # RBF fp32 gradients: issue 14 item 4
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     pairs = P.pairs_for(raw_pairs, len(xs), len(ys))
     w = weights[: len(pairs)]
     leaves = [x.detach().requires_grad_() for x in xs]  # detach() keeps the strides
     c = fg.cka_pairs(leaves, ys, pairs, **kw)
     (c * torch.tensor(w, dtype=c.dtype)).sum().backward()
     refs = P.ref_grads(xs, ys, pairs, w, kw["estimator"], kw["kernel"], kw["sigma"])
-    _check_grads(
-        xs, [leaf.grad for leaf in leaves], refs, _layer_weights(pairs, w, len(xs)), a.dtype, str(kw)
-    )
+    lw = _layer_weights(pairs, w, len(xs))
+    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, str(kw), _degenerate(xs, kw))
 
 
 @settings(max_examples=examples(1))
@@ -157,18 +176,19 @@ def test_gradients_match_float64_autograd(specs, opts, raw_pairs, weights):
 )
 def test_self_matrix_gradients(spec, opts, weights):
     """cka_matrix(xs): a layer paired with itself and with the others, both sides differentiable."""
-    assume(opts.kernel == "linear" or spec.dtype == F64)
-    xs, _, kw = _case(spec, spec, opts)
+    xs, _, kw, _ = _case(spec, spec, opts)
     L = len(xs)
     W = torch.tensor((weights * 3)[: L * L]).view(L, L)
     leaves = [x.detach().requires_grad_() for x in xs]
     M = fg.cka_matrix(leaves, **kw)
     (M * W.to(M.dtype)).sum().backward()
     a = [x.detach().double().requires_grad_() for x in xs]
+    ok = [P.layer_ok(x, kw["estimator"], kw["kernel"], kw["sigma"]) for x in xs]  # in the inputs' dtype
     ref = sum(
         float(W[i, j]) * R.cka(a[i], a[j], kw["estimator"], kw["kernel"], kw["sigma"])
         for i in range(L)
         for j in range(L)
+        if ok[i] and ok[j]
     )
     refs = (
         torch.autograd.grad(ref, a, allow_unused=True)
@@ -177,7 +197,9 @@ def test_self_matrix_gradients(spec, opts, weights):
     )
     refs = [torch.zeros_like(t) if g is None else g for t, g in zip(a, refs, strict=True)]
     wl = [float(W[k].abs().sum() + W[:, k].abs().sum()) for k in range(L)]
-    _check_grads(xs, [leaf.grad for leaf in leaves], refs, wl, spec.dtype, f"self matrix {kw}")
+    _check_grads(
+        xs, [leaf.grad for leaf in leaves], refs, wl, spec.dtype, f"self matrix {kw}", _degenerate(xs, kw)
+    )
 
 
 # --------------------------------------------------------------------------- sequences
@@ -214,12 +236,12 @@ def _seqs(spec, T, dims, time_major):
     tokens="flatten",
     opts=Options("unbiased", "linear", None, "auto", "auto"),
 )
-@example(  # tokens="mean", +100x offset, n = 4: 1.7e-5 (issue 14 item 6), rejected
+@example(  # tokens="mean", +100x offset, n = 4: 1.7e-5 before the shift-first mean (issue 14 item 6)
     case=(Layers(0, 4, (3, 3), F32, 0.0, 100.0, "gauss", "contiguous"), 3, (1, 1), False),
     tokens="mean",
     opts=Options("unbiased", "linear", None, "auto", "auto"),
 )
-@example(  # tokens="mean", +10x offset, n = 4: gradient error 3.6e-4 (issue 14 item 6), rejected
+@example(  # tokens="mean", +10x offset, n = 4: gradient error 3.6e-4 before the shift-first mean
     case=(Layers(5, 4, (2, 2), F32, 0.0, 10.0, "lowrank", "contiguous"), 2, (1, 1), False),
     tokens="mean",
     opts=Options("unbiased", "linear", None, "auto", "auto"),
@@ -231,47 +253,56 @@ def _seqs(spec, T, dims, time_major):
 )
 def test_sequence_tokens(case, tokens, opts):
     spec, T, dims, time_major = case
-    assume(tokens != "mean" or spec.offset <= 1)  # issue 14 item 6 (gradient 3.6e-4 at 10x for n = 4)
     seqs = _seqs(spec, T, dims, time_major)
     xs, ys = seqs[:1], seqs[1:]
     ex = [P.ref_examples(s, tokens) for s in seqs]
-    assume(P.median_ok(ex[0].shape[0], opts))
     kw = opts.kwargs(ex, tokens=tokens)
     assume(not P.known_break(ex, opts.estimator, opts.kernel, kw["sigma"], opts.route))
     leaf = xs[0].detach().requires_grad_()
     M = fg.cka_matrix([leaf], ys, **kw)
     _check_values(
-        M, P.ref_matrix(xs, ys, opts.estimator, opts.kernel, kw["sigma"], tokens), spec.dtype, f"{kw}"
+        M,
+        P.ref_matrix(xs, ys, opts.estimator, opts.kernel, kw["sigma"], tokens),
+        spec.dtype,
+        f"{kw}",
+        zero=P.ref_zero(xs, ys, opts.estimator, opts.kernel, kw["sigma"], tokens),
     )
-    if opts.kernel == "linear" or spec.dtype == F64:
-        M.sum().backward()
-        pairs = [(0, j) for j in range(len(ys))]
-        (ref,) = P.ref_grads(xs, ys, pairs, [1.0] * len(ys), opts.estimator, opts.kernel, kw["sigma"], tokens)
-        _check_grads(xs, [leaf.grad], [ref], [float(len(ys))], spec.dtype, f"sequence grads {kw}")
+    M.sum().backward()
+    pairs = [(0, j) for j in range(len(ys))]
+    (ref,) = P.ref_grads(xs, ys, pairs, [1.0] * len(ys), opts.estimator, opts.kernel, kw["sigma"], tokens)
+    flags = _degenerate(xs, kw, tokens)
+    _check_grads(xs, [leaf.grad], [ref], [float(len(ys))], spec.dtype, f"sequence grads {kw}", flags)
 
 
 # --------------------------------------------------------------------------- half precision
 @settings(max_examples=examples(1.5))
 @given(
-    specs=P.two_sets(dtypes=P.HALF, log_scale=(-2.0, 1.0), max_offset=1.0, count_x=(1, 2), count_y=(1, 1)),
+    specs=P.two_sets(dtypes=P.HALF, log_scale=(-2.0, 4.0), count_x=(1, 2), count_y=(1, 1)),
     opts=P.options(kernels=("linear",)),
 )
 def test_half_precision(specs, opts):
-    """fp16/bf16 inputs accumulate in fp32: CKA within 1e-2, gradients within the half-precision table.
+    """fp16/bf16 inputs accumulate in fp32: CKA within 1e-2 of the rounded data's, and each gradient
+    the fp32 one rounded once (fp16 values below its normal range at large scales included).
 
-    Scales up to 10 and offsets up to the spread: fp16 gradients underflow at 1e3 and half layers far
-    from the origin are declared degenerate (issue 14 item 10, contract open)."""
+    Layers far from the origin (offsets up to 1e4 x the spread) are degenerate exactly when their
+    centred signal is below one ulp of their magnitude (DESIGN.md section 3, issue 14 item 10)."""
     a, b = specs
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     leaves = [x.detach().requires_grad_() for x in xs]
     M = fg.cka_matrix(leaves, ys, **kw)
-    _check_values(M, P.ref_matrix(xs, ys, opts.estimator, "linear", None), a.dtype, f"{a.dtype} {kw}")
+    _check_values(
+        M,
+        P.ref_matrix(xs, ys, opts.estimator, "linear", None),
+        dt,
+        f"{a.dtype} {kw}",
+        zero=P.ref_zero(xs, ys, opts.estimator, "linear", None),
+    )
     M.sum().backward()
     pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
     refs = P.ref_grads(xs, ys, pairs, [1.0] * len(pairs), opts.estimator, "linear", None)
-    _check_grads(
-        xs, [leaf.grad for leaf in leaves], refs, [float(len(ys))] * len(xs), a.dtype, f"{a.dtype} grads"
-    )
+    lw = [float(len(ys))] * len(xs)
+    flags = _degenerate(xs, kw)
+    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, f"{a.dtype} grads", flags, half=True)
 
 
 # --------------------------------------------------------------------------- Triton (interpreter)
@@ -280,7 +311,7 @@ def test_half_precision(specs, opts):
     specs=P.two_sets(n=(4, 12), d=(1, 16), count_x=(1, 2), count_y=(1, 2), log_scale=(-3.0, 3.0)),
     opts=P.options(routes=("gram",), kernels=("linear",), backends=("triton",)),
 )
-@example(  # a guide layer with ||K||^2 / ||U(K)||^2 = 1.8e7: gradient error 1e-3 (rejected, pinned)
+@example(  # a guide layer with ||K||^2 / ||U(K)||^2 = 1.8e7: gradient error 1e-3 (rejected, still pinned)
     specs=(
         Layers(0, 5, (1,), F32, 0.0, 0.0, "gauss", "contiguous"),
         Layers(1, 5, (2,), F32, 0.0, 0.0, "relu", "contiguous"),
@@ -292,16 +323,21 @@ def test_triton_backend_tiny(specs, opts):
     if not torch.cuda.is_available() and not fastguide_utils.triton_usable(torch.device("cpu")):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     a, b = specs
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     leaves = [x.detach().requires_grad_() for x in xs]
     M = fg.cka_matrix(leaves, ys, **kw)
-    _check_values(M, P.ref_matrix(xs, ys, opts.estimator, "linear", None), a.dtype, "triton")
+    _check_values(
+        M,
+        P.ref_matrix(xs, ys, opts.estimator, "linear", None),
+        dt,
+        "triton",
+        zero=P.ref_zero(xs, ys, opts.estimator, "linear", None),
+    )
     M.sum().backward()
     pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
     refs = P.ref_grads(xs, ys, pairs, [1.0] * len(pairs), opts.estimator, "linear", None)
-    _check_grads(
-        xs, [leaf.grad for leaf in leaves], refs, [float(len(ys))] * len(xs), a.dtype, "triton grads"
-    )
+    lw = [float(len(ys))] * len(xs)
+    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, "triton grads", _degenerate(xs, kw))
 
 
 # --------------------------------------------------------------------------- metric and loss
@@ -316,7 +352,7 @@ def test_triton_backend_tiny(specs, opts):
     log_scale=st.floats(-4.0, 4.0),
     raw_pairs=st.none() | P.PAIRS,
 )
-@example(  # n = 4 on the feature route: its cancellation (3.2e-5), rejected (props.py)
+@example(  # n = 4 on the feature route: its cancellation (3.2e-5), rejected (props.py), still pinned
     sizes=[4],
     dims=[1],
     dtype=F32,
@@ -345,10 +381,10 @@ def test_minibatch_cka_unequal_batches(sizes, dims, dtype, estimator, symmetric,
     got = m.compute().flatten()
     plist = [(i, j) for i in range(A) for j in range(B)] if pairs is None else pairs
     want = torch.stack([R.minibatch_cka([x[i] for x in xb], [y[j] for y in yb], estimator) for i, j in plist])
-    assert_close_verbose(got, want, _tol(dtype), "MinibatchCKA")
+    assert_close(got, want, "cka", dtype, what="MinibatchCKA")
     if len(sizes) == 1 and pairs is None:
         single = fg.cka_matrix(xb[0], None if symmetric else yb[0], estimator=estimator).flatten()
-        assert_close_verbose(got, single, _tol(dtype), "one batch = cka_matrix")
+        assert_close(got, single, "cka", dtype, what="one batch = cka_matrix")
 
 
 @settings(max_examples=examples(1))
@@ -359,7 +395,7 @@ def test_minibatch_cka_unequal_batches(sizes, dims, dtype, estimator, symmetric,
     raw_pairs=st.none() | P.PAIRS,
     weights=st.none() | st.lists(st.floats(0.05, 3.0), min_size=4, max_size=4),
 )
-@example(  # fp64: the loss carries the weights' float32 rounding (pinned in test_issue14_regressions.py)
+@example(  # fp64: the loss carried the weights' float32 rounding (6e-8) before they were kept in float64
     specs=(
         Layers(3, 9, (5,), F64, 0.0, 0.0, "gauss", "contiguous"),
         Layers(4, 9, (3,), F64, 0.0, 0.0, "gauss", "contiguous"),
@@ -372,7 +408,7 @@ def test_minibatch_cka_unequal_batches(sizes, dims, dtype, estimator, symmetric,
 def test_cka_loss_reductions_and_weights(specs, reduction, opts, raw_pairs, weights):
     a, b = specs
     assume(raw_pairs is not None or a.dims.__len__() == b.dims.__len__())
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     pairs = None if raw_pairs is None else P.pairs_for(raw_pairs, len(xs), len(ys))
     plist = [(k, k) for k in range(len(xs))] if pairs is None else pairs
     w = None if weights is None else weights[: len(plist)]
@@ -385,19 +421,18 @@ def test_cka_loss_reductions_and_weights(specs, reduction, opts, raw_pairs, weig
     )
     per = wt * (1 - ref_c)
     want = {"sum": per.sum(), "mean": per.sum() / wt.sum(), "none": per}[reduction]
-    # + the float32 rounding of the weights buffer (also for fp64 inputs: test_issue14_regressions.py)
-    assert_close_verbose(loss, want, (_tol(a.dtype) + 1e-6) * float(wt.sum()), f"CKALoss {reduction}")
+    assert_close(loss, want, "loss", dt, length=float(wt.sum()), what=f"CKALoss {reduction}")
     loss.sum().backward()
     scale = {"sum": -wt, "mean": -wt / wt.sum(), "none": -wt}[reduction]
     refs = P.ref_grads(xs, ys, plist, scale.tolist(), opts.estimator, "linear", None)
     lw = _layer_weights(plist, scale.abs().tolist(), len(xs))
-    rtol = max(GRAD_RTOL[a.dtype], 1e-6)  # the float32 weights again
-    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, a.dtype, f"CKALoss {reduction} grads", rtol)
+    flags = _degenerate(xs, kw)
+    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, f"CKALoss {reduction} grads", flags)
 
 
 @settings(max_examples=examples(1))
 @given(specs=P.two_sets(), opts=P.options(routes=("gram",)))
-@example(  # the median falls on a near-duplicate distance (sigma 7e-6 against a spread of 0.5): rejected
+@example(  # the median on a near-duplicate distance (sigma 7e-6, spread 0.5): rejected, still pinned
     specs=(
         Layers(1, 23, (1,), F32, 0.0, 0.0, "relu", "contiguous"),
         Layers(0, 23, (1,), F32, 0.0, 0.0, "gauss", "contiguous"),
@@ -407,14 +442,15 @@ def test_cka_loss_reductions_and_weights(specs, reduction, opts, raw_pairs, weig
 def test_precomputed_layer_stats(specs, opts):
     """cka_pairs with the guide side as LayerStats equals the raw call (and the oracle)."""
     a, b = specs
-    xs, ys, kw = _case(a, b, opts)
+    xs, ys, kw, dt = _case(a, b, opts)
     stats = [fg.layer_stats(y, estimator=opts.estimator, kernel=opts.kernel, sigma=kw["sigma"]) for y in ys]
     pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
     got = fg.cka_pairs(xs, stats, pairs, **kw)
     raw = fg.cka_pairs(xs, ys, pairs, **kw)
-    assert_close_verbose(got, raw, _tol(a.dtype), "LayerStats vs raw")
+    assert_close(got, raw, "cka", dt, what="LayerStats vs raw")
     want = P.ref_matrix(xs, ys, opts.estimator, opts.kernel, kw["sigma"]).flatten()
-    _check_values(got, want, a.dtype, "LayerStats vs oracle")
+    zero = P.ref_zero(xs, ys, opts.estimator, opts.kernel, kw["sigma"])
+    _check_values(got, want, dt, "LayerStats vs oracle", zero=zero)
 
 
 # --------------------------------------------------------------------------- invariances, degeneracy, gram
@@ -436,28 +472,27 @@ def test_invariances(spec, opts, seed, log_c):
 
     n up to 48 crosses the 32 rows the per-column shift is taken from, so a permutation changes it."""
     x, y = (t.reshape(spec.n, -1) for t in spec.build())
-    assume(P.median_ok(spec.n, opts))
     kw = opts.kwargs([x, y])
     assume(not P.known_break([x, y], opts.estimator, opts.kernel, kw["sigma"], opts.route))
     base = fg.cka(x, y, **kw)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(spec.n, generator=g)
-    assert_close_verbose(fg.cka(x[perm], y[perm], **kw), base, _tol(F32), "permuted examples")
+    assert_close(fg.cka(x[perm], y[perm], **kw), base, "cka", F32, what="permuted examples")
     if opts.kernel == "linear":
         Q, _ = torch.linalg.qr(torch.randn(x.shape[1], x.shape[1], generator=g, dtype=F64))
         xr = (x.double() @ Q).float()
-        assert_close_verbose(fg.cka(xr, y, **kw), R.cka(xr, y, opts.estimator), _tol(F32), "rotated features")
+        assert_close(fg.cka(xr, y, **kw), R.cka(xr, y, opts.estimator), "cka", F32, what="rotated features")
     # both layers scaled by a power of two (exact; one sigma serves both kernels): the same CKA
     c = 2.0 ** round(log_c * 3.32)
     kw2 = dict(kw, sigma=None if kw["sigma"] is None else kw["sigma"] * c)
-    assert_close_verbose(fg.cka(x * c, y * c, **kw2), base, _tol(F32), f"scaled by {c:g}")
+    assert_close(fg.cka(x * c, y * c, **kw2), base, "cka", F32, what=f"scaled by {c:g}")
     # x shifted by 3x its spread (rounded again): the oracle's CKA of the shifted values
     xs = (x.double() + 3.0 * P.spread(x)).float()
     want = P.ref_matrix([xs], [y], opts.estimator, opts.kernel, kw["sigma"])[0, 0]
-    assert_close_verbose(fg.cka(xs, y, **kw), want, _tol(F32), "shifted")
+    assert_close(fg.cka(xs, y, **kw), want, "cka", F32, what="shifted")
 
 
-def _degenerate(kind: str, shape, dtype) -> torch.Tensor:
+def _degenerate_layer(kind: str, shape, dtype) -> torch.Tensor:
     n = shape[0]
     if kind == "zeros":
         return torch.zeros(shape, dtype=dtype)
@@ -479,9 +514,8 @@ def _degenerate(kind: str, shape, dtype) -> torch.Tensor:
 def test_degenerate_layer_is_exactly_zero(specs, kind, opts):
     """A degenerate layer: every CKA with it exactly 0, its gradient exactly 0, no NaN elsewhere."""
     a, b = specs
-    assume(opts.kernel == "linear" or a.dtype == F64)
-    xs, ys, kw = _case(a, b, opts)
-    bad = _degenerate(kind, xs[0].shape, a.dtype)
+    xs, ys, kw, dt = _case(a, b, opts)
+    bad = _degenerate_layer(kind, xs[0].shape, a.dtype)
     assert R.is_degenerate(bad)
     xs = [bad] + xs[1:]
     kw = opts.kwargs(xs[1:] + ys)
@@ -489,7 +523,13 @@ def test_degenerate_layer_is_exactly_zero(specs, kind, opts):
     M = fg.cka_matrix(leaves, ys, **kw)
     assert torch.isfinite(M).all()
     assert not M[0].any(), f"{kind}: CKA with a degenerate layer {M[0]}"
-    _check_values(M, P.ref_matrix(xs, ys, opts.estimator, opts.kernel, kw["sigma"]), a.dtype, f"{kind} {kw}")
+    _check_values(
+        M,
+        P.ref_matrix(xs, ys, opts.estimator, opts.kernel, kw["sigma"]),
+        dt,
+        f"{kind} {kw}",
+        zero=P.ref_zero(xs, ys, opts.estimator, opts.kernel, kw["sigma"]),
+    )
     M.sum().backward()
     assert leaves[0].grad is None or not leaves[0].grad.any()
     for leaf in leaves[1:]:
@@ -503,8 +543,7 @@ def test_gram_matches_oracle(spec):
     """gram(x): the column-centred Gram H X X' H, in fp32 for fp32 inputs (relative in norm)."""
     (x,) = spec.build()
     got = fg.gram(x)
-    want = R.centered_gram(x)
-    rel = float((got.double() - want).norm()) / max(float(want.norm()), 1e-300)
-    tol = {F32: 1e-5, F64: 1e-10}[spec.dtype]
     assert got.dtype == (F64 if spec.dtype == F64 else F32)
-    assert rel <= tol or float(want.norm()) == 0, f"gram relative error {rel:.3g}"
+    want = R.centered_gram(x)
+    if float(want.norm()) > 0:  # a constant layer's centred Gram is rounding noise (relative: undefined)
+        assert_close(got, want, "gram", spec.dtype, length=x[0].numel(), what="gram")

@@ -6,6 +6,7 @@ import numpy as np
 import oracle_np as O
 import pytest
 import torch
+from helpers import assert_close
 
 from fastguide import _reference as R
 
@@ -32,7 +33,7 @@ def test_random_cases(n, estimator, kernel, sigma):
     for seed in range(3):
         x, y = _pair(n, seed=seed)
         want = O.cka(x, y, estimator, kernel, sigma)
-        assert abs(_ref(x, y, estimator, kernel, sigma) - want) < 1e-12, (seed, want)
+        assert_close(_ref(x, y, estimator, kernel, sigma), want, "exact64", torch.float64)
 
 
 @pytest.mark.parametrize("width", [1e2, 1e3, 1e4, 1e5, 1e6])
@@ -46,7 +47,7 @@ def test_wide_rbf_kernel(n, width):
     x, y = _pair(n, seed=n)
     want = O.cka(x, y, "unbiased", "rbf", width)
     got = _ref(x, y, "unbiased", "rbf", width)
-    assert abs(got - want) < 1e-9, (got, want)
+    assert_close(got, want, "cka", torch.float64)
     K = R.rbf_gram(torch.from_numpy(x), width)
     L = R.rbf_gram(torch.from_numpy(y), width)
     E = R.rbf_gram_minus_one(torch.from_numpy(x), width)
@@ -89,18 +90,22 @@ def test_scale_invariance(scale, kernel, sigma):
     x, y = _pair(10, seed=3)
     for est in ESTIMATORS:
         base = _ref(x, y, est, kernel, sigma)
-        assert abs(_ref(x * scale, y * scale, est, kernel, sigma) - base) < 1e-12
-        assert abs(O.cka(x * scale, y * scale, est, kernel, sigma) - base) < 1e-12
+        assert_close(_ref(x * scale, y * scale, est, kernel, sigma), base, "exact64", torch.float64)
+        assert_close(O.cka(x * scale, y * scale, est, kernel, sigma), base, "exact64", torch.float64)
 
 
 def test_n4_edge():
     x, y = _pair(4, seed=7)
     for est in ESTIMATORS:
         for kernel, sigma in KERNELS:
-            assert abs(_ref(x, y, est, kernel, sigma) - O.cka(x, y, est, kernel, sigma)) < 1e-12
+            assert_close(
+                _ref(x, y, est, kernel, sigma), O.cka(x, y, est, kernel, sigma), "exact64", torch.float64
+            )
     # unbiased self-HSIC of n = 4 equals the U-statistic of its single 4-set (24 orderings)
     K = R.linear_gram(torch.from_numpy(x))
-    assert abs(float(R.hsic_unbiased(K, K)) - O.hsic_unbiased_ustat(K.numpy(), K.numpy())[0]) < 1e-12
+    assert_close(
+        float(R.hsic_unbiased(K, K)), O.hsic_unbiased_ustat(K.numpy(), K.numpy())[0], "exact64", torch.float64
+    )
 
 
 def _all_but_one_equal(n, d=5, seed=0):
@@ -121,7 +126,7 @@ def test_all_but_one_equal(n):
     assert O.cka(x, y, "unbiased") == 0.0
     # the biased estimator sees the one outlier: a legitimate layer
     assert R.layer_oracle(torch.from_numpy(x), "biased").ok
-    assert abs(_ref(x, y, "biased", "linear", None) - O.cka(x, y, "biased")) < 1e-12
+    assert_close(_ref(x, y, "biased", "linear", None), O.cka(x, y, "biased"), "exact64", torch.float64)
 
 
 def test_degenerate_layers():
@@ -148,8 +153,10 @@ def test_median_heuristic_is_numpys():
     for n in (4, 5, 10, 11):
         x = np.random.default_rng(n).standard_normal((n, 3))
         D = O.sq_distances(x)
-        assert abs(float(R.median_sq_distance(torch.from_numpy(D))) - float(np.median(D))) < 1e-14
-        assert abs(float(R.rbf_sigma(torch.from_numpy(x))) - O.median_sigma(x)) < 1e-12
+        assert_close(
+            float(R.median_sq_distance(torch.from_numpy(D))), float(np.median(D)), "exact64", torch.float64
+        )
+        assert_close(float(R.rbf_sigma(torch.from_numpy(x))), O.median_sigma(x), "exact64", torch.float64)
     # even n^2: the mean of the two middle values, not torch.median's lower one
     x = np.random.default_rng(0).standard_normal((6, 2))
     D = torch.from_numpy(O.sq_distances(x))
@@ -165,22 +172,20 @@ def test_layer_oracle(estimator, kernel, sigma):
     n = 11
     N = n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2
     assert a.ok and b.ok
-    assert torch.allclose(a.C, a.C.T, atol=1e-15)
-    assert a.C.sum(1).abs().max() < 1e-12  # both centrings have zero row sums
+    assert_close(a.C, a.C.T, "exact64")
+    assert_close(a.C.sum(1), torch.zeros(n), "exact64")  # both centrings have zero row sums
     if estimator == "unbiased":
         assert not a.C.diagonal().any()
     else:
-        assert abs(float(a.C.trace()) - n) < 1e-12  # C = HKH / s with s = tr(HKH) / n
+        assert_close(a.C.trace(), float(n), "exact64")  # C = HKH / s with s = tr(HKH) / n
     K = O.kernel_for_hsic(x, kernel, sigma)
     hk = O.hsic(K, K, estimator)[0]
-    assert abs(float(a.h) - hk / float(a.s) ** 2) < 1e-12 * float(a.h)
-    assert (
-        abs(float((a.C * b.C).sum() / N / (a.h.sqrt() * b.h.sqrt())) - O.cka(x, y, estimator, kernel, sigma))
-        < 1e-12
-    )
+    assert_close(hk / float(a.s) ** 2 / float(a.h), 1.0, "exact64")
+    got = (a.C * b.C).sum() / N / (a.h.sqrt() * b.h.sqrt())
+    assert_close(got, O.cka(x, y, estimator, kernel, sigma), "exact64")
     if kernel == "rbf":
         want = O.median_sigma(x) if sigma is None else sigma
-        assert abs(float(a.sigma) - want) < 1e-12
+        assert_close(float(a.sigma), want, "exact64", torch.float64)
     else:
         assert float(a.sigma) == 1.0
 
@@ -193,12 +198,12 @@ def test_minibatch_unequal_batches(estimator):
     by = [b[:, :4] + 0.7 * rng.standard_normal((m, 4)) for b, m in zip(bx, sizes, strict=True)]
     want = O.minibatch_cka(bx, by, estimator)
     got = R.minibatch_cka([torch.from_numpy(b) for b in bx], [torch.from_numpy(b) for b in by], estimator)
-    assert abs(float(got) - want) < 1e-12
+    assert_close(float(got), want, "exact64", torch.float64)
     # a batch in which one layer is degenerate contributes nothing
     bx2 = bx + [np.ones((8, 6))]
     by2 = by + [rng.standard_normal((8, 4))]
     got2 = R.minibatch_cka([torch.from_numpy(b) for b in bx2], [torch.from_numpy(b) for b in by2], estimator)
-    assert abs(float(got2) - O.minibatch_cka(bx2, by2, estimator)) < 1e-12
+    assert_close(float(got2), O.minibatch_cka(bx2, by2, estimator), "exact64", torch.float64)
 
 
 @pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", 2.0)], ids=["linear", "rbf"])
@@ -219,4 +224,4 @@ def test_narrow_rbf_kernel(estimator, width):
     spread = float(np.sqrt(((x - x.mean(0)) ** 2).sum() / 12))
     sigma = width * spread
     want = O.cka(x, y, estimator, "rbf", sigma)
-    assert abs(_ref(x, y, estimator, "rbf", sigma) - want) < 1e-10, want
+    assert_close(_ref(x, y, estimator, "rbf", sigma), want, "cka", torch.float64)
