@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+# fastguide/__init__.py sets __version__ before it imports this module.
+from . import __version__, _plot
 from . import _compare_hooks as hk
-from . import _plot
 from ._compare_hooks import default_input
 from ._guide_side import _model_device, as_args
+from ._utils import progress_bar
 from ._validate import GROUP_TOKENS, min_examples
 from .metric import MinibatchCKA
 
@@ -284,7 +287,7 @@ def compare(
         total = len(data) if hasattr(data, "__len__") else None
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
-        bar = hk.progress(total, progress and rank == 0)
+        bar = progress_bar(total, progress and rank == 0, "compare", "batch", leave=False)
         final, skipped = _run(data, runs, metric, spec_a, spec_b, max_batches, bar, tokens)
         multi = sorted(set().union(*(s.multi for s in sides)) & set(final[0] + final[1]))
         if multi:
@@ -314,8 +317,6 @@ def compare(
         raise ValueError(
             f"no batch had the {min_examples(estimator)} examples the {estimator} estimator needs"
         )
-    from . import __version__
-
     metadata = dict(
         estimator=estimator,
         kernel=kernel,
@@ -375,8 +376,6 @@ def _run(data, runs, metric: MinibatchCKA, spec_a, spec_b, max_batches, bar, tok
 
 
 def _sync(metric: MinibatchCKA, counts: list[int], group) -> list[int]:
-    import torch.distributed as dist
-
     if metric.cross is None:
         raise RuntimeError("compare: this rank had no batch with enough examples; every rank needs one")
     metric.sync(group)
