@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from fastguide import _reference
 from fastguide._reference import TOLERANCES
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close", "layer_parallel_forced"]
+__all__ = ["TOLERANCES", "tolerance", "assert_close", "layer_parallel_forced", "mlp", "mlp_pair"]
 
 # The former names, views of the one table, kept only for tests/kernels/ (rewritten by the kernel work,
 # which moves to assert_close): absolute CKA tolerance and relative gradient tolerance per dtype.
@@ -125,3 +126,19 @@ def layer_parallel_forced(monkeypatch):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def mlp(d_in=12, width=16, depth=3, d_out=5, *, flatten=False) -> nn.Sequential:
+    """The tests' small MLP: ``depth`` Linear + Tanh blocks and a Linear head (after an ``nn.Flatten``
+    with ``flatten=True``, which shifts every module index by one)."""
+    layers, prev = ([nn.Flatten()] if flatten else []), d_in
+    for _ in range(depth):
+        layers += [nn.Linear(prev, width), nn.Tanh()]
+        prev = width
+    layers.append(nn.Linear(prev, d_out))
+    return nn.Sequential(*layers)
+
+
+def mlp_pair() -> tuple[nn.Sequential, nn.Sequential]:
+    """The guidance tests' usual (target, guide): a 3 x 16 MLP and a 4 x 20 MLP (current RNG state)."""
+    return mlp(), mlp(width=20, depth=4)
