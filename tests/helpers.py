@@ -15,7 +15,15 @@ from torch import nn
 from fastguide import _reference
 from fastguide._reference import TOLERANCES
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close", "layer_parallel_forced", "mlp", "mlp_pair"]
+__all__ = [
+    "TOLERANCES",
+    "tolerance",
+    "assert_close",
+    "layer_parallel_forced",
+    "mlp",
+    "mlp_pair",
+    "assert_same_grads",
+]
 
 # The former names, views of the one table, kept only for tests/kernels/ (rewritten by the kernel work,
 # which moves to assert_close): absolute CKA tolerance and relative gradient tolerance per dtype.
@@ -100,6 +108,18 @@ def _compare(actual, expected, tol: float, norm: bool, how: str, label: str, flo
             f"{label}{int(bad.sum())}/{a.numel()} elements differ by more than {tol:g} ({how}); "
             f"{detail} (|diff| {diff.max().item():.3g})"
         )
+
+
+def assert_same_grads(got: torch.Tensor, want: torch.Tensor, inputs, what: str) -> None:
+    """``got.sum()`` gives every tensor of ``inputs`` the gradient that ``want.sum()`` gives it (fp32
+    ``grad`` tolerance); both are backpropagated (``.grad`` is left holding ``want``'s gradients)."""
+    got.sum().backward()
+    first = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    want.sum().backward()
+    for a, x in zip(first, inputs, strict=True):
+        assert_close(a, x.grad, "grad", torch.float32, what=what)
 
 
 def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
