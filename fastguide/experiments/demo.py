@@ -36,13 +36,8 @@ from ..align import align
 from ..distill import distill_loss
 from ..guidance import Guidance
 from . import models, tasks
-from .reproducibility import (
-    REPRODUCIBLE_CPU_ENV,
-    code_version,
-    default_workers,
-    machine_line,
-    run_jobs,
-)
+from .reproducibility import REPRODUCIBLE_CPU_ENV
+from .runner import code_version, default_workers, machine_line, render_table, run_jobs
 
 ALL_ARMS = (
     "baseline",
@@ -377,15 +372,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                 vs,
             ]
         )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return render_table(head, lines, markdown)
 
 
 def plot(runs: list[dict], tasks: list[TaskConfig], path: str) -> None:

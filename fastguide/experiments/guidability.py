@@ -29,7 +29,7 @@ from .._utils import progress_bar
 from ..compare import compare
 from ..guidance import Guidance
 from . import models, tasks
-from .reproducibility import code_version, default_workers, machine_line, run_jobs
+from .runner import code_version, default_workers, machine_line, render_table, run_jobs
 
 TARGETS = ("fcn", "rnn", "transformer")
 GUIDES = {"fcn": ("resnet", "fcn"), "rnn": ("transformer", "rnn"), "transformer": ("rnn", "transformer")}
@@ -287,13 +287,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                 pm(r, "align_guided"),
             ]
         )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    return "\n".join(out + [fmt.format(*line) for line in lines])
+    return render_table(head, lines, markdown)
 
 
 def _row_label(r: dict) -> str:
