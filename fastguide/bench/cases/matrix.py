@@ -35,7 +35,7 @@ def matrix_model(n, dx, dy, L, elt=4):
     return L * n * n * (dx + dy) + 2 * L * L * n * n, L * n * (dx + dy) * elt
 
 
-def matrix_case(*, n: int, dx: int, dy: int, layers: int, estimator: str, seed: int, **fields) -> Case:
+def matrix_case(n: int, dx: int, dy: int, layers: int, estimator: str, seed: int, **fields) -> Case:
     """A float32 :class:`Case` on ``layers`` + ``layers`` layers of ``n`` examples (widths ``dx`` / ``dy``):
     the inputs, useful-work model and Gram bytes of the matrix-shaped workloads; ``fields``: the rest."""
     fl, by = matrix_model(n, dx, dy, layers)
@@ -108,12 +108,12 @@ def w2_case(sc, compile_: bool) -> Case:
     c = sc["W2"]
     n, dx, dy, L = c["n"], c["dx"], c["dy"], c["layers"]
     return matrix_case(
-        n=n,
-        dx=dx,
-        dy=dy,
-        layers=L,
-        estimator="unbiased",
-        seed=2,
+        n,
+        dx,
+        dy,
+        L,
+        "unbiased",
+        2,
         key="W2 matrix fwd",
         workload="W2",
         op="matrix",
@@ -128,12 +128,12 @@ def w3_matrix_case(sc, compile_: bool, slow_peers: bool) -> Case:
     c = sc["W3"]
     n, d, L = c["n"], c["d"], c["layers"]
     return matrix_case(
-        n=n,
-        dx=d,
-        dy=d,
-        layers=L,
-        estimator="unbiased",
-        seed=3,
+        n,
+        d,
+        d,
+        L,
+        "unbiased",
+        3,
         key="W3 matrix fwd",
         workload="W3",
         op="matrix",

@@ -75,12 +75,12 @@ def metric_case(sc) -> Case:
     if have("cka"):
         providers["pytorch-cka"] = pytorch_cka_metric
     return matrix_case(
-        n=n,
-        dx=d,
-        dy=d,
-        layers=L,
-        estimator=_EST,
-        seed=5,
+        n,
+        d,
+        d,
+        L,
+        _EST,
+        5,
         key="W3 MinibatchCKA update",
         workload="W3",
         op="metric",
