@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._capture import HookSet
@@ -170,19 +171,7 @@ def restore(state) -> None:
             b.copy_(saved)
 
 
-def progress(total: int | None, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="compare", unit="batch", dynamic_ncols=True, leave=False)
-
-
 def dist_info(group) -> tuple[bool, int, int]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return False, 1, 0
     return True, dist.get_world_size(group), dist.get_rank(group)

@@ -9,7 +9,6 @@ tensors until :attr:`CKAHistory.cka` copies them to the host.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from . import _plot
+from ._saved import SavedJSON, check_header
 
 __all__ = ["CKAHistory", "HistoryMixin"]
 
@@ -24,7 +24,7 @@ _FORMAT = "fastguide.CKAHistory"
 _FORMAT_VERSION = 1
 
 
-class CKAHistory:
+class CKAHistory(SavedJSON):
     """Per-pair CKA of a guided training run at recorded steps.
 
     ``steps`` (list of schedule steps), ``pairs`` ((target_name, guide_name) per column), ``cka`` ((steps,
@@ -107,29 +107,12 @@ class CKAHistory:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> CKAHistory:
-        if not isinstance(d, Mapping) or d.get("format") != _FORMAT:
-            raise ValueError(f"not a saved CKAHistory (format {_FORMAT!r} expected)")
-        if d.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"CKAHistory version {d.get('version')!r}; this fastguide reads {_FORMAT_VERSION}"
-            )
+        check_header(d, _FORMAT, _FORMAT_VERSION, "CKAHistory")
         pairs, steps, rows = d.get("pairs"), d.get("steps"), d.get("cka")
         if not isinstance(pairs, list) or not isinstance(steps, list) or not isinstance(rows, list):
             raise ValueError("saved CKAHistory: pairs, steps and cka must be lists")
         cka = torch.tensor(rows, dtype=torch.float64).reshape(len(steps), len(pairs))
         return cls([tuple(p) for p in pairs], steps, cka, d.get("record_every"))
-
-    def save(self, path: str | os.PathLike) -> None:
-        folder = os.path.dirname(os.fspath(path))
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CKAHistory:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     # ------------------------------------------------------------------ picture
     def plot(

@@ -11,7 +11,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AUTO_TYPES", "auto_pairs", "auto_candidates", "first_tensor", "batch_first", "resolve_name"]
+__all__ = [
+    "AUTO_TYPES",
+    "auto_pairs",
+    "auto_candidates",
+    "first_tensor",
+    "batch_first",
+    "resolve_name",
+    "resolve_pairs",
+    "explicit_pairs",
+    "make_mapping",
+    "auto_mapping",
+]
 
 #: Module types that ``layers="auto"`` hooks (the paper's code), in execution order; the last is dropped.
 #: Hugging Face's ``Conv1D`` (GPT-2's Linear with transposed weights) counts as well, matched by class name
@@ -161,3 +172,52 @@ def resolve_name(name: str, modules: Mapping[str, nn.Module], which: str) -> str
     close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"unknown {which} module name {name!r} in layers{hint}")
+
+
+def resolve_pairs(
+    pairs: Iterable[tuple[str, str]], t_modules: Mapping[str, nn.Module], g_modules: Mapping[str, nn.Module]
+) -> list[tuple[str, str]]:
+    """``(target_name, guide_name)`` pairs with each name resolved by :func:`resolve_name`."""
+    return [(resolve_name(t, t_modules, "target"), resolve_name(g, g_modules, "guide")) for t, g in pairs]
+
+
+def explicit_pairs(
+    layers: Mapping[str, str] | Iterable[tuple[str, str]],
+    t_modules: Mapping[str, nn.Module],
+    g_modules: Mapping[str, nn.Module],
+) -> list[tuple[str, str]]:
+    """The resolved pairs of a ``{target_name: guide_name}`` dict or a list of pairs (``layers=``)."""
+    items = list(layers.items()) if isinstance(layers, Mapping) else [tuple(p) for p in layers]
+    if not items:
+        raise ValueError("layers is empty")
+
+    def checked():  # lazily, so each entry is checked just before its names are resolved
+        for item in items:
+            if len(item) != 2:
+                raise ValueError(f"layers entries must be (target_name, guide_name); got {item!r}")
+            yield item
+
+    return resolve_pairs(checked(), t_modules, g_modules)
+
+
+def make_mapping(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """A Guidance mapping: target names and guide names (each once, first-seen order) and the index pairs."""
+    t_names = list(dict.fromkeys(t for t, _ in pairs))
+    g_names = list(dict.fromkeys(g for _, g in pairs))
+    return t_names, g_names, [(t_names.index(t), g_names.index(g)) for t, g in pairs]
+
+
+def auto_mapping(t_order: list[str], g_order: list[str]):
+    """The ``layers="auto"`` mapping of two execution orders: the last module (the logits) of each side is
+    dropped and the rest paired by :func:`auto_pairs`."""
+    if len(t_order) < 2:
+        raise RuntimeError(
+            f"layers='auto': the target ran {len(t_order)} hookable module(s) ({t_order}); need at least "
+            "two (the last one, the logits, is dropped)"
+        )
+    if len(g_order) < 2:
+        raise RuntimeError(
+            f"layers='auto': the guide ran {len(g_order)} hookable module(s) ({g_order}); need at least two"
+        )
+    t_order, g_order = t_order[:-1], g_order[:-1]
+    return make_mapping([(t_order[i], g_order[j]) for i, j in auto_pairs(len(t_order), len(g_order))])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._mapping import resolve_name
+from ._mapping import make_mapping, resolve_pairs
 
 if TYPE_CHECKING:
     from .guidance import Guidance
@@ -171,13 +171,10 @@ class ScheduleMixin:
             raise ValueError(f"Guidance state has an invalid step {step!r} / micro {micro!r}")
         mapping = None
         if pairs is not None:
-            pairs = [
-                (resolve_name(t, self._t_modules, "target"), resolve_name(g, self._g_modules, "guide"))
-                for t, g in pairs
-            ]
+            pairs = resolve_pairs(pairs, self._t_modules, self._g_modules)
             if self._mapping is not None and pairs != self.pairs:
                 raise ValueError(f"the state's layer pairs {pairs} differ from this Guidance's {self.pairs}")
-            mapping = self._make_mapping(pairs)
+            mapping = make_mapping(pairs)
         history = self._parse_history_state(state.get("history"))
         n_pairs = len(pairs) if pairs is not None else None
         if len(history) and n_pairs is not None and len(history.pairs) != n_pairs:

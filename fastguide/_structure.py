@@ -24,7 +24,7 @@ with no valid group is 0 -- the rule of a degenerate layer, applied per group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -65,14 +65,7 @@ class GroupStats:
         return self.C.shape[1]
 
     def to(self, device) -> GroupStats:
-        return GroupStats(
-            self.C.to(device),
-            self.s.to(device),
-            self.ok.to(device),
-            self.h.to(device),
-            self.estimator,
-            self.tokens,
-        )
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("C", "s", "ok", "h")})
 
 
 class GroupCKA(NamedTuple):

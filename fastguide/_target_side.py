@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._guide_side import _masked
 from ._mapping import batch_first, first_tensor
 from ._schedule import eager_only
 
@@ -21,6 +22,21 @@ def _in_backward() -> bool:
 @eager_only()
 def _warn(msg: str) -> None:
     warnings.warn(msg, stacklevel=4)
+
+
+def mask_targets(
+    xs: list[torch.Tensor], t_names: list[str], mask: Any, tokens: str
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]:
+    """``loss(mask=...)``: the target activations at the mask's nonzero tokens, and the (token index,
+    (B, T)) that the guide side applies to its activations."""
+    if tokens != "samples":
+        raise ValueError(f"mask needs tokens='samples' (one example per token); got tokens={tokens!r}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(
+            f"mask must be a (B, T) tensor; got {type(mask).__name__} {getattr(mask, 'shape', '')}"
+        )
+    idx = (mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
+    return [_masked(x, *idx, f"target layer {n!r}") for x, n in zip(xs, t_names, strict=True)], idx
 
 
 class TargetMixin:

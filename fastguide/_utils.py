@@ -76,3 +76,14 @@ def pair_index(pairs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
             _INDEX_CACHE.clear()
         _INDEX_CACHE[key] = hit
     return hit
+
+
+def progress_bar(total: int | None, enabled: bool, desc: str, unit: str, **kwargs):
+    """A tqdm progress bar, or None when disabled or tqdm (optional) is not installed."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, **kwargs)

@@ -153,8 +153,8 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     return (x.to(acc) - c).mean(dim=1)
 
 
-def layer_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
-    """A non-empty list/tuple of activations, each checked and viewed as (n, d) examples."""
+def _checked_views(xs, name: str, tokens: str, view) -> list[torch.Tensor]:
+    """A non-empty list/tuple of activations, each checked and viewed by ``view(x, tokens, name)``."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors; got {type(xs).__name__}")
     if len(xs) == 0:
@@ -162,8 +162,13 @@ def layer_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
     out = []
     for k, x in enumerate(xs):
         check_tensor(x, f"{name}[{k}]")
-        out.append(as_examples(x, tokens, f"{name}[{k}]"))
+        out.append(view(x, tokens, f"{name}[{k}]"))
     return out
+
+
+def layer_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
+    """A non-empty list/tuple of activations, each checked and viewed as (n, d) examples."""
+    return _checked_views(xs, name, tokens, as_examples)
 
 
 def check_layers(layers: Sequence[torch.Tensor], names: Sequence[str], estimator: str) -> None:
@@ -265,15 +270,7 @@ def group_view(x: torch.Tensor, tokens: str, name: str) -> torch.Tensor:
 
 def group_list(xs, name: str, tokens: str) -> list[torch.Tensor]:
     """A non-empty list/tuple of activations, each checked and viewed as (G, n, d) groups."""
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
-        raise TypeError(f"{name} must be a list or tuple of tensors; got {type(xs).__name__}")
-    if len(xs) == 0:
-        raise ValueError(f"{name} must hold at least one layer")
-    out = []
-    for k, x in enumerate(xs):
-        check_tensor(x, f"{name}[{k}]")
-        out.append(group_view(x, tokens, f"{name}[{k}]"))
-    return out
+    return _checked_views(xs, name, tokens, group_view)
 
 
 def _group_words(tokens: str) -> tuple[str, str]:

@@ -5,6 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import bench
+from .experiments.demo import run_demo
+from .experiments.guidability import run_guidability
+from .experiments.heatmap import SpecError, run_heatmap
+
+
+def _add_device_workers(p) -> None:
+    """--device and --workers of the commands that run training jobs (demo, guidability)."""
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: 2 on CPU, 1 on CUDA)"
+    )
+
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
@@ -24,18 +37,13 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the first task (others scale)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: 2 on CPU, 1 on CUDA)"
-    )
+    _add_device_workers(p)
     p.add_argument("--tasks", nargs="+", default=None, help="subset of tasks: digits copy parity")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .experiments.demo import run_demo
-
     run_demo(
         args.out,
         quick=args.quick,
@@ -106,8 +114,6 @@ def _add_heatmap(sub) -> None:
 
 
 def _run_heatmap(args) -> int:
-    from .experiments.heatmap import SpecError, run_heatmap
-
     try:
         run_heatmap(
             args.a,
@@ -158,17 +164,12 @@ def _add_guidability(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--targets", nargs="+", default=None, help="subset of targets: fcn rnn transformer")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: 2 on CPU, 1 on CUDA)"
-    )
+    _add_device_workers(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_guidability, parser=p)
 
 
 def _run_guidability(args) -> int:
-    from .experiments.guidability import run_guidability
-
     try:
         run_guidability(
             args.out,
@@ -204,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        # Imported lazily: the benchmark harness (the package fastguide/bench/) is heavier.
-        from . import bench
-
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)

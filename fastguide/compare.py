@@ -14,19 +14,22 @@ number of batches; the per-batch statistics go to :meth:`fastguide.MinibatchCKA.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+# fastguide/__init__.py sets __version__ before it imports this module.
+from . import __version__, _plot
 from . import _compare_hooks as hk
-from . import _plot
 from ._compare_hooks import default_input
 from ._guide_side import _model_device, as_args
+from ._saved import SavedJSON, check_header
+from ._utils import progress_bar
 from ._validate import GROUP_TOKENS, min_examples
 from .metric import MinibatchCKA
 
@@ -39,7 +42,7 @@ _MODES = ("eval", "train", None)
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
-class CompareResult:
+class CompareResult(SavedJSON):
     """The CKA matrix of :func:`compare`: ``matrix`` (A, B) float64 on the CPU, rows ``names_a`` (layers of
     model_a), columns ``names_b``, and ``metadata`` (estimator, kernel, tokens, batches, examples, model
     class names, fastguide version, ...). :meth:`save` / :meth:`load` round-trip it exactly as JSON."""
@@ -88,12 +91,7 @@ class CompareResult:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> CompareResult:
-        if not isinstance(d, Mapping) or d.get("format") != _FORMAT:
-            raise ValueError(f"not a saved CompareResult (format {_FORMAT!r} expected)")
-        if d.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"CompareResult version {d.get('version')!r}; this fastguide reads {_FORMAT_VERSION}"
-            )
+        check_header(d, _FORMAT, _FORMAT_VERSION, "CompareResult")
         for key in ("names_a", "names_b", "matrix"):
             if not isinstance(d.get(key), list):
                 raise ValueError(f"saved CompareResult: {key} must be a list")
@@ -103,19 +101,6 @@ class CompareResult:
             raise ValueError(f"saved CompareResult: matrix must be {A} rows of {B} numbers")
         matrix = torch.tensor(rows, dtype=torch.float64).reshape(A, B)
         return cls(matrix, d["names_a"], d["names_b"], d.get("metadata") or {})
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the result as JSON (names, the float64 matrix, metadata); :meth:`load` reads it back."""
-        folder = os.path.dirname(os.fspath(path))
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, default=str)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CompareResult:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     # ------------------------------------------------------------------ picture
     def plot(
@@ -284,7 +269,7 @@ def compare(
         total = len(data) if hasattr(data, "__len__") else None
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
-        bar = hk.progress(total, progress and rank == 0)
+        bar = progress_bar(total, progress and rank == 0, "compare", "batch", leave=False)
         final, skipped = _run(data, runs, metric, spec_a, spec_b, max_batches, bar, tokens)
         multi = sorted(set().union(*(s.multi for s in sides)) & set(final[0] + final[1]))
         if multi:
@@ -314,8 +299,6 @@ def compare(
         raise ValueError(
             f"no batch had the {min_examples(estimator)} examples the {estimator} estimator needs"
         )
-    from . import __version__
-
     metadata = dict(
         estimator=estimator,
         kernel=kernel,
@@ -375,8 +358,6 @@ def _run(data, runs, metric: MinibatchCKA, spec_a, spec_b, max_batches, bar, tok
 
 
 def _sync(metric: MinibatchCKA, counts: list[int], group) -> list[int]:
-    import torch.distributed as dist
-
     if metric.cross is None:
         raise RuntimeError("compare: this rank had no batch with enough examples; every rank needs one")
     metric.sync(group)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,14 +61,7 @@ class LayerStats:
         return self.C.shape[0]
 
     def to(self, device) -> LayerStats:
-        return LayerStats(
-            self.C.to(device),
-            self.s.to(device),
-            self.ok.to(device),
-            self.h.to(device),
-            self.estimator,
-            self.kernel,
-        )
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("C", "s", "ok", "h")})
 
 
 def layer_stats(

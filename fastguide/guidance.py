@@ -25,11 +25,19 @@ from torch import nn
 
 from ._allreduce_cka import allreduce_feature_cka, choose_global_route
 from ._capture import Capture, HookSet
-from ._guide_side import GuideMixin, _GuideCall, _masked, _model_device, as_args
+from ._guide_side import GuideMixin, _GuideCall, _model_device, as_args
 from ._history import HistoryMixin
-from ._mapping import AUTO_TYPES, auto_candidates, auto_pairs, first_tensor, resolve_name
+from ._mapping import (
+    AUTO_TYPES,
+    auto_candidates,
+    auto_mapping,
+    auto_pairs,
+    explicit_pairs,
+    first_tensor,
+    make_mapping,
+)
 from ._schedule import ScheduleMixin, _count_loss_call, eager_only, prepare_eager_only
-from ._target_side import TargetMixin
+from ._target_side import TargetMixin, mask_targets
 from ._validate import as_examples
 from ._validate import check_options as _check_options
 from .distributed import all_gather_batch, gather_ints, is_distributed
@@ -253,21 +261,8 @@ class Guidance(ScheduleMixin, HistoryMixin, TargetMixin, GuideMixin, nn.Module):
             if example is not None:
                 self._resolve_with_example(example)
         else:
-            items = list(layers.items()) if isinstance(layers, Mapping) else [tuple(p) for p in layers]
-            if not items:
-                raise ValueError("layers is empty")
-            pairs = []
-            for item in items:
-                if len(item) != 2:
-                    raise ValueError(f"layers entries must be (target_name, guide_name); got {item!r}")
-                pairs.append(
-                    (
-                        resolve_name(item[0], self._t_modules, "target"),
-                        resolve_name(item[1], self._g_modules, "guide"),
-                    )
-                )
             self._candidates = []
-            self._mapping = self._make_mapping(pairs)
+            self._mapping = make_mapping(explicit_pairs(layers, self._t_modules, self._g_modules))
             self._install_hooks()
 
     def _init_runtime(self) -> None:
@@ -284,12 +279,6 @@ class Guidance(ScheduleMixin, HistoryMixin, TargetMixin, GuideMixin, nn.Module):
         self._route_choice: str | None = None
 
     # ------------------------------------------------------------------ mapping and hooks
-
-    @staticmethod
-    def _make_mapping(pairs: list[tuple[str, str]]):
-        t_names = list(dict.fromkeys(t for t, _ in pairs))
-        g_names = list(dict.fromkeys(g for _, g in pairs))
-        return t_names, g_names, [(t_names.index(t), g_names.index(g)) for t, g in pairs]
 
     def _install_hooks(self) -> None:
         self._hooks.remove()
@@ -321,21 +310,7 @@ class Guidance(ScheduleMixin, HistoryMixin, TargetMixin, GuideMixin, nn.Module):
         return cap.order
 
     def _auto_mapping(self, t_order: list[str], g_in: Any):
-        g_order = self._guide_order(g_in)
-        if len(t_order) < 2:
-            raise RuntimeError(
-                f"layers='auto': the target ran {len(t_order)} hookable module(s) ({t_order}); need at least "
-                "two (the last one, the logits, is dropped)"
-            )
-        if len(g_order) < 2:
-            raise RuntimeError(
-                f"layers='auto': the guide ran {len(g_order)} hookable module(s) ({g_order}); "
-                "need at least two"
-            )
-        t_order, g_order = t_order[:-1], g_order[:-1]
-        return self._make_mapping(
-            [(t_order[i], g_order[j]) for i, j in auto_pairs(len(t_order), len(g_order))]
-        )
+        return auto_mapping(t_order, self._guide_order(g_in))
 
     def _resolve_with_example(self, example: Any) -> None:
         args, kwargs = as_args(example)
@@ -466,16 +441,7 @@ class Guidance(ScheduleMixin, HistoryMixin, TargetMixin, GuideMixin, nn.Module):
         xs = [acts[n] for n in t_names]
         tokens, idx = self.tokens, None
         if mask is not None:
-            if tokens != "samples":
-                raise ValueError(
-                    f"mask needs tokens='samples' (one example per token); got tokens={tokens!r}"
-                )
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                raise ValueError(
-                    f"mask must be a (B, T) tensor; got {type(mask).__name__} {getattr(mask, 'shape', '')}"
-                )
-            idx = (mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))
-            xs = [_masked(x, *idx, f"target layer {n!r}") for x, n in zip(xs, t_names, strict=True)]
+            xs, idx = mask_targets(xs, t_names, mask, tokens)
             tokens = "flatten"
         # gather=True under torch.distributed: "gather" the activations, or "allreduce" cross products
         # (decided once, after the first gathered step), or "local" (per-sample structure CKA).

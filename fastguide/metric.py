@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import _ops
 from ._utils import pair_index
@@ -202,8 +203,6 @@ class MinibatchCKA:
         Local sums are kept; ``compute()`` uses the global ones until the next ``update()``, so calling
         ``sync()`` twice never double counts. Every rank must have made at least one update.
         """
-        import torch.distributed as dist
-
         cross, sx, sy = self.cross, self.self_x, self.self_y
         if cross is None:
             raise RuntimeError("MinibatchCKA.sync() called before any update()")

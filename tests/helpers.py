@@ -10,11 +10,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from fastguide import _reference
 from fastguide._reference import TOLERANCES
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close", "layer_parallel_forced"]
+__all__ = [
+    "TOLERANCES",
+    "tolerance",
+    "assert_close",
+    "layer_parallel_forced",
+    "mlp",
+    "mlp_pair",
+    "assert_same_grads",
+]
 
 # The former names, views of the one table, kept only for tests/kernels/ (rewritten by the kernel work,
 # which moves to assert_close): absolute CKA tolerance and relative gradient tolerance per dtype.
@@ -101,6 +110,18 @@ def _compare(actual, expected, tol: float, norm: bool, how: str, label: str, flo
         )
 
 
+def assert_same_grads(got: torch.Tensor, want: torch.Tensor, inputs, what: str) -> None:
+    """``got.sum()`` gives every tensor of ``inputs`` the gradient that ``want.sum()`` gives it (fp32
+    ``grad`` tolerance); both are backpropagated (``.grad`` is left holding ``want``'s gradients)."""
+    got.sum().backward()
+    first = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    want.sum().backward()
+    for a, x in zip(first, inputs, strict=True):
+        assert_close(a, x.grad, "grad", torch.float32, what=what)
+
+
 def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
     """Former interface (tests/kernels/ only): elementwise ``|a - e| <= atol``, verbose message."""
     _compare(actual, expected, atol, False, f"atol {atol:g}", f"{what}: " if what else "")
@@ -125,3 +146,19 @@ def layer_parallel_forced(monkeypatch):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def mlp(d_in=12, width=16, depth=3, d_out=5, *, flatten=False) -> nn.Sequential:
+    """The tests' small MLP: ``depth`` Linear + Tanh blocks and a Linear head (after an ``nn.Flatten``
+    with ``flatten=True``, which shifts every module index by one)."""
+    layers, prev = ([nn.Flatten()] if flatten else []), d_in
+    for _ in range(depth):
+        layers += [nn.Linear(prev, width), nn.Tanh()]
+        prev = width
+    layers.append(nn.Linear(prev, d_out))
+    return nn.Sequential(*layers)
+
+
+def mlp_pair() -> tuple[nn.Sequential, nn.Sequential]:
+    """The guidance tests' usual (target, guide): a 3 x 16 MLP and a 4 x 20 MLP (current RNG state)."""
+    return mlp(), mlp(width=20, depth=4)

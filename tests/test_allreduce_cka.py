@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
+from helpers import assert_close, assert_same_grads
 from torch import nn
 
 import fastguide as fg
@@ -52,13 +52,7 @@ def test_single_process_equals_cka_pairs(estimator):
         torch.float32,
         what="oracle",
     )
-    got.sum().backward()
-    g1 = [x.grad.clone() for x in xs]
-    for x in xs:
-        x.grad = None
-    want.sum().backward()
-    for a, b in zip(g1, [x.grad for x in xs], strict=True):
-        assert_close(a, b, "grad", torch.float32, what="grad")
+    assert_same_grads(got, want, xs, "grad")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

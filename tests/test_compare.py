@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close_verbose
+from helpers import assert_close_verbose, mlp
 from torch import nn
 
 import fastguide as fg
@@ -21,12 +21,8 @@ from fastguide.compare import CompareResult, default_input
 SIZES = [16, 16, 16, 7]  # an unequal last batch
 
 
-def _mlp(din=6, width=10, depth=3, out=3):
-    layers, prev = [], din
-    for _ in range(depth):
-        layers += [nn.Linear(prev, width), nn.Tanh()]
-        prev = width
-    return nn.Sequential(*layers, nn.Linear(prev, out))
+def _mlp():
+    return mlp(d_in=6, width=10, depth=3, d_out=3)
 
 
 class _Conv(nn.Module):

@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, mlp
 from torch import nn
 
 import fastguide
@@ -15,13 +15,8 @@ from fastguide.experiments import models
 from fastguide.guidance import auto_pairs
 
 
-def _mlp(d_in=12, width=16, depth=3, d_out=5):
-    layers, prev = [nn.Flatten()], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(prev, width), nn.Tanh()]
-        prev = width
-    layers.append(nn.Linear(prev, d_out))
-    return nn.Sequential(*layers)
+def _mlp(**kw):
+    return mlp(flatten=True, **kw)
 
 
 def _n_hooks(*ms):

@@ -11,20 +11,11 @@ import weakref
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, mlp, mlp_pair
 from torch import nn
 
 import fastguide
 from fastguide._capture import InertHook, ModuleHook
-
-
-def _mlp(d_in=12, width=16, depth=3, d_out=5):
-    layers, prev = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(prev, width), nn.Tanh()]
-        prev = width
-    layers.append(nn.Linear(prev, d_out))
-    return nn.Sequential(*layers)
 
 
 def _hooks(*nets):
@@ -41,7 +32,7 @@ LAYERS = {"0": "0", "2": "4"}
 @pytest.fixture
 def nets():
     torch.manual_seed(0)
-    return _mlp(), _mlp(width=20, depth=4)
+    return mlp_pair()
 
 
 def _reference(target, guide, x, **kw):
@@ -190,7 +181,7 @@ class _Twice(nn.Module):
 @pytest.mark.parametrize("policy", ["warn", "last", "first", "error"])
 def test_module_called_several_times(policy):
     torch.manual_seed(0)
-    target, guide = _Twice(), _mlp(width=20)
+    target, guide = _Twice(), mlp(width=20)
     x = torch.randn(16, 12)
     with torch.no_grad():
         h1 = target.shared(torch.tanh(target.inp(x)))
@@ -266,8 +257,7 @@ class _Holder(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = _mlp()
-        self.guide = _mlp(width=20, depth=4)
+        self.net, self.guide = mlp_pair()
         self.guidance = fastguide.Guidance(self.net, self.guide, layers=LAYERS)
 
 

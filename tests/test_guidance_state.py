@@ -5,19 +5,10 @@ import io
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, mlp_pair
 from torch import nn
 
 import fastguide
-
-
-def _mlp(d_in=12, width=16, depth=3, d_out=5):
-    layers, prev = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(prev, width), nn.Tanh()]
-        prev = width
-    layers.append(nn.Linear(prev, d_out))
-    return nn.Sequential(*layers)
 
 
 class _Model(nn.Module):
@@ -26,8 +17,7 @@ class _Model(nn.Module):
     def __init__(self, **kw):
         super().__init__()
         torch.manual_seed(0)
-        self.net = _mlp()
-        self.guide = _mlp(width=20, depth=4)
+        self.net, self.guide = mlp_pair()
         self.guidance = fastguide.Guidance(self.net, self.guide, **kw)
 
 

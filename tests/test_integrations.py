@@ -5,22 +5,13 @@ from configs: nothing is downloaded)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, mlp, mlp_pair
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fastguide
 from fastguide._capture import ModuleHook
 from fastguide._mapping import auto_candidates, is_auto_module
-
-
-def _mlp(d_in=12, width=16, depth=3, d_out=5):
-    layers, prev = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(prev, width), nn.Tanh()]
-        prev = width
-    layers.append(nn.Linear(prev, d_out))
-    return nn.Sequential(*layers)
 
 
 def _live_hooks(model):
@@ -53,8 +44,7 @@ def _lit_class(pl):
         def __init__(self, until=3, hold=True):
             super().__init__()
             torch.manual_seed(0)
-            self.net = _mlp()
-            self.guide = _mlp(width=20, depth=4)
+            self.net, self.guide = mlp_pair()
             if hold:
                 self.guidance = fastguide.Guidance(self.net, self.guide, estimator="biased", until=until)
             self.guided: list[tuple[int, bool]] = []
@@ -77,7 +67,8 @@ def _lit_class(pl):
     return Lit
 
 
-def _trainer(pl, callback, tmp_path, max_steps, **kw):
+def _trainer(pl, callbacks, max_steps, **kw):
+    """A quiet one-CPU Lightning Trainer."""
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -85,10 +76,7 @@ def _trainer(pl, callback, tmp_path, max_steps, **kw):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
+        callbacks=callbacks,
         **kw,
     )
 
@@ -98,9 +86,11 @@ def test_lightning_callback_accumulation_logging_and_hooks(tmp_path):
     model = _lit_class(pl)(until=2)
     trainer = _trainer(
         pl,
-        GuidanceCallback(),
-        tmp_path,
+        [GuidanceCallback()],
         max_steps=3,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
         accumulate_grad_batches=2,
         enable_checkpointing=False,
         val_check_interval=2,
@@ -122,32 +112,13 @@ def test_lightning_resume_continues_until(tmp_path):
     Lit = _lit_class(pl)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     first = Lit(until=3)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[GuidanceCallback(), ckpt_cb],
-        limit_val_batches=0,
-    )
+    trainer = _trainer(pl, [GuidanceCallback(), ckpt_cb], max_steps=2, limit_val_batches=0)
     trainer.fit(first, _loader())
     ckpt = tmp_path / "epoch=0-step=2.ckpt"
     print(f"stopped: guidance.step={first.guidance.step}, global_step={trainer.global_step}")
     resumed = Lit(until=3)
     assert resumed.guidance.step == 0
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=5,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[GuidanceCallback()],
-        limit_val_batches=0,
-        enable_checkpointing=False,
-    )
+    trainer = _trainer(pl, [GuidanceCallback()], max_steps=5, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(resumed, _loader(), ckpt_path=ckpt)
     print(f"resumed: first step {resumed.guided[0][0]}, guidance.step={resumed.guidance.step}")
     assert first.guided == [(0, True), (1, True)]
@@ -157,20 +128,11 @@ def test_lightning_resume_continues_until(tmp_path):
 def test_lightning_callback_builds_guidance_and_checkpoints_it(tmp_path):
     pl, GuidanceCallback = _lightning()
     Lit = _lit_class(pl)
-    guide = _mlp(width=20, depth=4)
+    guide = mlp(width=20, depth=4)
     cb = GuidanceCallback(guide=guide, target="net", until=3, estimator="biased")
     model = Lit(hold=False)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, ckpt_cb],
-        limit_val_batches=0,
-    )
+    trainer = _trainer(pl, [cb, ckpt_cb], max_steps=2, limit_val_batches=0)
     trainer.fit(model, _loader())
     assert model.guidance is cb.built and "guidance._extra_state" not in model.state_dict()
     state = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"]
@@ -178,17 +140,7 @@ def test_lightning_callback_builds_guidance_and_checkpoints_it(tmp_path):
     assert saved["guidance"]["_extra_state"]["step"] == 2
     cb2 = GuidanceCallback(guide=guide, target="net", until=3, estimator="biased")
     resumed = Lit(hold=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb2],
-        limit_val_batches=0,
-        enable_checkpointing=False,
-    )
+    trainer = _trainer(pl, [cb2], max_steps=4, limit_val_batches=0, enable_checkpointing=False)
     trainer.fit(resumed, _loader(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert resumed.guided == [(2, True), (3, False)] and cb2.built.step == 4
     with pytest.raises(ValueError, match="need guide="):
@@ -380,7 +332,7 @@ def test_hf_attention_mask_selects_tokens():
 def test_accelerate_register_for_checkpointing(tmp_path):
     accelerate = pytest.importorskip("accelerate")
     torch.manual_seed(0)
-    net, guide = _mlp(), _mlp(width=20, depth=4)
+    net, guide = mlp_pair()
     g = fastguide.Guidance(net, guide, until=5)
     acc = accelerate.Accelerator(cpu=True)
     acc.register_for_checkpointing(g)

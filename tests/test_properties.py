@@ -63,6 +63,27 @@ def _check_grads(xs, grads, refs, weights_per_layer, dtype, what, degenerate=Non
         )
 
 
+def _check_linear_matrix(xs, ys, kw, dtype, what, grads_what, half=False):
+    """Linear-kernel ``cka_matrix(xs, ys)`` against the oracle's matrix, and the gradients of its sum
+    against the float64 ones (:func:`_check_grads`)."""
+    est = kw["estimator"]
+    leaves = [x.detach().requires_grad_() for x in xs]
+    M = fg.cka_matrix(leaves, ys, **kw)
+    _check_values(
+        M,
+        P.ref_matrix(xs, ys, est, "linear", None),
+        dtype,
+        what,
+        zero=P.ref_zero(xs, ys, est, "linear", None),
+    )
+    M.sum().backward()
+    pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
+    refs = P.ref_grads(xs, ys, pairs, [1.0] * len(pairs), est, "linear", None)
+    lw = [float(len(ys))] * len(xs)
+    flags = _degenerate(xs, kw)
+    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dtype, grads_what, flags, half=half)
+
+
 def _degenerate(xs, kw, tokens="flatten"):
     """Per layer: degenerate for the oracle under these options (its gradient must be exactly 0)."""
     est, kernel, sigma = kw["estimator"], kw["kernel"], kw["sigma"]
@@ -288,21 +309,7 @@ def test_half_precision(specs, opts):
     centred signal is below one ulp of their magnitude (DESIGN.md section 3, issue 14 item 10)."""
     a, b = specs
     xs, ys, kw, dt = _case(a, b, opts)
-    leaves = [x.detach().requires_grad_() for x in xs]
-    M = fg.cka_matrix(leaves, ys, **kw)
-    _check_values(
-        M,
-        P.ref_matrix(xs, ys, opts.estimator, "linear", None),
-        dt,
-        f"{a.dtype} {kw}",
-        zero=P.ref_zero(xs, ys, opts.estimator, "linear", None),
-    )
-    M.sum().backward()
-    pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
-    refs = P.ref_grads(xs, ys, pairs, [1.0] * len(pairs), opts.estimator, "linear", None)
-    lw = [float(len(ys))] * len(xs)
-    flags = _degenerate(xs, kw)
-    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, f"{a.dtype} grads", flags, half=True)
+    _check_linear_matrix(xs, ys, kw, dt, f"{a.dtype} {kw}", f"{a.dtype} grads", half=True)
 
 
 # --------------------------------------------------------------------------- Triton (interpreter)
@@ -324,20 +331,7 @@ def test_triton_backend_tiny(specs, opts):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     a, b = specs
     xs, ys, kw, dt = _case(a, b, opts)
-    leaves = [x.detach().requires_grad_() for x in xs]
-    M = fg.cka_matrix(leaves, ys, **kw)
-    _check_values(
-        M,
-        P.ref_matrix(xs, ys, opts.estimator, "linear", None),
-        dt,
-        "triton",
-        zero=P.ref_zero(xs, ys, opts.estimator, "linear", None),
-    )
-    M.sum().backward()
-    pairs = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
-    refs = P.ref_grads(xs, ys, pairs, [1.0] * len(pairs), opts.estimator, "linear", None)
-    lw = [float(len(ys))] * len(xs)
-    _check_grads(xs, [leaf.grad for leaf in leaves], refs, lw, dt, "triton grads", _degenerate(xs, kw))
+    _check_linear_matrix(xs, ys, kw, dt, "triton", "triton grads")
 
 
 # --------------------------------------------------------------------------- metric and loss

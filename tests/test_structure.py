@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_same_grads
 
 import fastguide as fg
 from fastguide import _reference as R
@@ -337,13 +337,7 @@ def test_layer_stats_give_same_values_and_target_grads(tokens, backend):
     got = fg.cka_pairs(xs, [st[0], ys[1]], pairs, tokens=tokens, backend=backend)
     want = fg.cka_pairs(xs, ys, pairs, tokens=tokens, backend="torch")
     assert_close(got, want, "cka", torch.float32, what="stats vs raw")
-    got.sum().backward()
-    g1 = [x.grad.clone() for x in xs]
-    for x in xs:
-        x.grad = None
-    want.sum().backward()
-    for a, b in zip(g1, [x.grad for x in xs], strict=True):
-        assert_close(a, b, "grad", torch.float32, what="grad with stats")
+    assert_same_grads(got, want, xs, "grad with stats")
     assert fg.cka_groups(xs, st, [(0, 0)], tokens=tokens).cka.shape == (1, G)
     moved = st[0].to("cpu")
     assert isinstance(moved, fg.GroupStats) and moved.tokens == tokens

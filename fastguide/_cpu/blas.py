@@ -15,6 +15,7 @@ interface for sizes < 2^31 on little-endian CPUs. Measurements: docs/cpu-path.md
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -25,9 +26,24 @@ from .. import _config
 __all__ = ["mkl_syrk", "syrk_available", "openblas", "omp_set_num_threads", "syrk", "blas_mirror"]
 
 _lock = threading.Lock()
-_MKL: dict | None = None
-_OPENBLAS: dict | None = None
 _OMP_SET = None
+
+
+def _once(find):
+    """``find()`` run on the first call only, under the lock (concurrent first callers wait for it); later
+    calls return its result."""
+    result = None
+
+    @functools.wraps(find)
+    def load():
+        nonlocal result
+        if result is None:
+            with _lock:
+                if result is None:
+                    result = find()
+        return result
+
+    return load
 
 
 def syrk(fn, X: torch.Tensor, C: torch.Tensor, beta: float) -> None:
@@ -69,29 +85,23 @@ def _syrk_self_test(fn, dt: torch.dtype) -> bool:
     )
 
 
+@_once
 def _load_mkl() -> dict:
     """{torch.float32: fn, torch.float64: fn} of verified MKL syrk entry points (possibly empty)."""
-    global _MKL
-    if _MKL is not None:
-        return _MKL
-    with _lock:
-        if _MKL is not None:
-            return _MKL
-        found: dict = {}
-        try:
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            for dt, name in ((torch.float32, "mkl_blas_ssyrk"), (torch.float64, "mkl_blas_dsyrk")):
-                fn = getattr(lib, name, None)
-                if fn is not None:
-                    fn.restype = None
-                    found[dt] = fn
-        except OSError:
-            found = {}
-        for dt in list(found):
-            if not _syrk_self_test(found[dt], dt):
-                del found[dt]
-        _MKL = found
-        return found
+    found: dict = {}
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        for dt, name in ((torch.float32, "mkl_blas_ssyrk"), (torch.float64, "mkl_blas_dsyrk")):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = None
+                found[dt] = fn
+    except OSError:
+        found = {}
+    for dt in list(found):
+        if not _syrk_self_test(found[dt], dt):
+            del found[dt]
+    return found
 
 
 def mkl_syrk(dtype: torch.dtype):
@@ -163,49 +173,43 @@ def _mirror_self_test(om, la, dt: torch.dtype) -> bool:
     return bool(torch.equal(K, want))
 
 
+@_once
 def _load_openblas() -> dict:
     """``{dtype: syrk, ("mirror", dtype): (omatcopy, lacpy), "local": set_num_threads_local}`` or {}."""
-    global _OPENBLAS
-    if _OPENBLAS is not None:
-        return _OPENBLAS
-    with _lock:
-        if _OPENBLAS is not None:
-            return _OPENBLAS
-        found: dict = {}
-        try:
-            import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS)
-            from threadpoolctl import threadpool_info
+    found: dict = {}
+    try:
+        import scipy.linalg.blas  # noqa: F401  (loads SciPy's OpenBLAS)
+        from threadpoolctl import threadpool_info
 
-            paths = [i["filepath"] for i in threadpool_info() if i.get("internal_api") == "openblas"]
-        except Exception:  # pragma: no cover - depends on the install
-            paths = []
-        for path in sorted(paths, key=lambda p: "scipy.libs" not in p):  # SciPy's own library first
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:  # pragma: no cover
-                continue
-            local = _symbol(lib, ["openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local"])
-            if local is None:
-                continue
-            local.restype = ctypes.c_int
-            local.argtypes = [ctypes.c_int]
-            for dt, c in ((torch.float32, "s"), (torch.float64, "d")):
-                fn = _symbol(lib, _names(f"{c}syrk_"))
-                if fn is not None:
-                    fn.restype = None
-                    if _syrk_self_test(fn, dt):
-                        found[dt] = fn
-                # The mirror in BLAS too: torch-op mirrors in two workers at once fight over the GIL.
-                om, la = _symbol(lib, _names(f"{c}omatcopy_")), _symbol(lib, _names(f"{c}lacpy_"))
-                if dt in found and om is not None and la is not None:
-                    om.restype = la.restype = None
-                    if _mirror_self_test(om, la, dt):
-                        found[("mirror", dt)] = (om, la)
-            if found:
-                found["local"] = local
-                break
-        _OPENBLAS = found
-        return found
+        paths = [i["filepath"] for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    except Exception:  # pragma: no cover - depends on the install
+        paths = []
+    for path in sorted(paths, key=lambda p: "scipy.libs" not in p):  # SciPy's own library first
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:  # pragma: no cover
+            continue
+        local = _symbol(lib, ["openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local"])
+        if local is None:
+            continue
+        local.restype = ctypes.c_int
+        local.argtypes = [ctypes.c_int]
+        for dt, c in ((torch.float32, "s"), (torch.float64, "d")):
+            fn = _symbol(lib, _names(f"{c}syrk_"))
+            if fn is not None:
+                fn.restype = None
+                if _syrk_self_test(fn, dt):
+                    found[dt] = fn
+            # The mirror in BLAS too: torch-op mirrors in two workers at once fight over the GIL.
+            om, la = _symbol(lib, _names(f"{c}omatcopy_")), _symbol(lib, _names(f"{c}lacpy_"))
+            if dt in found and om is not None and la is not None:
+                om.restype = la.restype = None
+                if _mirror_self_test(om, la, dt):
+                    found[("mirror", dt)] = (om, la)
+        if found:
+            found["local"] = local
+            break
+    return found
 
 
 def openblas() -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,8 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._utils import cpu_name
-from .reproducibility import REPRODUCIBLE_CPU_ENV, environment
+from .._mapping import auto_pairs
+from .._utils import progress_bar
+from ..align import align
+from ..distill import distill_loss
+from ..guidance import Guidance
+from . import models, tasks
+from .reproducibility import REPRODUCIBLE_CPU_ENV
+from .runner import code_version, default_workers, machine_line, render_table, run_jobs
 
 ALL_ARMS = (
     "baseline",
@@ -77,14 +82,6 @@ def default_tasks(quick: bool = False, full: bool = False) -> list[TaskConfig]:
         "digits",
         steps=600,
         eval_every=100,
-        arms=(
-            "baseline",
-            "guided_untrained",
-            "guided_trained",
-            "guided_until",
-            "align_then_train",
-            "distill_untrained",
-        ),
         params=dict(
             n_train=100, depth=32, hidden=128, dropout=0.1, guide_widths=(16, 32, 64), guide_blocks=1
         ),
@@ -125,8 +122,6 @@ def default_tasks(quick: bool = False, full: bool = False) -> list[TaskConfig]:
 
 def _build(task: TaskConfig, seed: int, device: torch.device):
     """Data, target factory, guide factory, loss/accuracy function for one task and seed."""
-    from . import models, tasks
-
     p = task.params
     if task.name == "digits":
         data = tasks.digits(n_train=p["n_train"], seed=seed)
@@ -161,8 +156,6 @@ def _build(task: TaskConfig, seed: int, device: torch.device):
         rnn_names = [f"rnns.{i}" for i in range(p["rnn_layers"])]
         tf_names = [f"blocks.{i}" for i in range(p["tf_layers"])]
         # RNN layer i <-> transformer block i (block outputs are the residual stream), evenly spaced.
-        from ..guidance import auto_pairs
-
         if task.name == "copy":
             make_target, make_guide = rnn, tf
             layers = [(rnn_names[i], tf_names[j]) for i, j in auto_pairs(len(rnn_names), len(tf_names))]
@@ -193,23 +186,6 @@ def _build(task: TaskConfig, seed: int, device: torch.device):
     )
 
 
-@torch.no_grad()
-def _evaluate(model, loss_correct, count, xy, device, batch: int = 1024) -> tuple[float, float]:
-    was = model.training
-    model.eval()
-    x, y = xy
-    tot_loss, tot_correct, n = 0.0, 0.0, 0
-    for i in range(0, x.shape[0], batch):
-        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
-        loss, correct = loss_correct(model(xb), yb)
-        k = count(yb)
-        tot_loss += float(loss) * k
-        tot_correct += float(correct)
-        n += k
-    model.train(was)
-    return tot_loss / n, tot_correct / n
-
-
 def _train_plain(model, b, task: TaskConfig, steps: int, seed: int, device) -> None:
     """Train ``model`` on the task loss alone (used for the trained guide)."""
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
@@ -227,9 +203,6 @@ def _train_plain(model, b, task: TaskConfig, steps: int, seed: int, device) -> N
 
 def run_job(job: dict) -> dict:
     """One (task, arm, seed) training run; returns curves and final metrics. Top level for spawn."""
-    from ..distill import distill_loss
-    from ..guidance import Guidance, align
-
     torch.set_num_threads(job.get("threads", 1))
     if job.get("reproducible") and job.get("device", "cpu") == "cpu":
         # oneDNN's convolutions move to ATen + MKL GEMMs, which MKL_CBWR pins (reproducibility.py)
@@ -250,7 +223,7 @@ def run_job(job: dict) -> dict:
 
     if arm == "guided_trained":
         _train_plain(guide, b, task, task.guide_steps, seed, device)
-        extra["guide_test_loss"], extra["guide_test_acc"] = _evaluate(
+        extra["guide_test_loss"], extra["guide_test_acc"] = tasks.evaluate(
             guide, b["loss_correct"], b["count"], b["test_eval"], device
         )
     if arm == "align_then_train":
@@ -291,8 +264,8 @@ def run_job(job: dict) -> dict:
     ckas = []
 
     def record(step):
-        trl, tra = _evaluate(target, b["loss_correct"], b["count"], b["train_eval"], device)
-        tel, tea = _evaluate(target, b["loss_correct"], b["count"], b["test_eval"], device)
+        trl, tra = tasks.evaluate(target, b["loss_correct"], b["count"], b["train_eval"], device)
+        tel, tea = tasks.evaluate(target, b["loss_correct"], b["count"], b["test_eval"], device)
         for k, v in zip(curve, (step, trl, tra, tel, tea), strict=True):
             curve[k].append(v)
 
@@ -335,43 +308,6 @@ def run_job(job: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- runner
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def machine_line(device: str) -> str:
-    cpu = cpu_name()
-    dev = device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(torch.device(device))
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores; device {dev}; torch {torch.__version__}; "
-        f"Python {platform.python_version()}; {platform.system()} {platform.release()}"
-    )
-
-
-def code_version() -> str:
-    """fastguide's version, plus the git commit (and '+dirty') when run from a source checkout."""
-    import subprocess
-
-    from .. import __version__
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    return f"{__version__} ({commit}{'+dirty' if dirty else ''})" if commit else __version__
 
 
 def summarize(runs: list[dict], tasks: list[TaskConfig]) -> list[dict]:
@@ -436,15 +372,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                 vs,
             ]
         )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return render_table(head, lines, markdown)
 
 
 def plot(runs: list[dict], tasks: list[TaskConfig], path: str) -> None:
@@ -477,16 +405,6 @@ def plot(runs: list[dict], tasks: list[TaskConfig], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="demo runs", unit="run", dynamic_ncols=True)
 
 
 def run_demo(
@@ -531,7 +449,7 @@ def run_demo(
     if n_seeds < 1:
         raise ValueError(f"--seeds must be positive; got {n_seeds}")
     if workers is None:
-        workers = 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
+        workers = default_workers(device)
     repro = reproducible and device == "cpu"
     jobs = [
         dict(
@@ -549,7 +467,7 @@ def run_demo(
     # Longest jobs first keeps both workers busy to the end.
     order = {"copy": 0, "parity": 1, "digits": 2}
     jobs.sort(key=lambda j: (order.get(j["task"]["name"], 3), j["arm"] == "baseline"))
-    bar = _progress(len(jobs), progress)
+    bar = progress_bar(len(jobs), progress, "demo runs", "run")
     runs: list[dict] = []
 
     def done(r):
@@ -567,20 +485,13 @@ def run_demo(
                 flush=True,
             )
 
+    spawn = (workers > 1 and len(jobs) > 1) or repro
+    env = run_jobs(
+        run_job, jobs, done, workers=workers, spawn=spawn, env=REPRODUCIBLE_CPU_ENV if repro else None
+    )
     settings: dict | bool = False
-    if (workers > 1 and len(jobs) > 1) or repro:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        with environment(REPRODUCIBLE_CPU_ENV if repro else {}) as env:
-            if repro:
-                settings = dict(env, deterministic_algorithms=True, mkldnn=False, threads_per_job=1)
-            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(1,)) as pool:
-                for r in pool.imap_unordered(run_job, jobs):
-                    done(r)
-    else:
-        for j in jobs:
-            done(run_job(j))
+    if repro:
+        settings = dict(env, deterministic_algorithms=True, mkldnn=False, threads_per_job=1)
     if bar is not None:
         bar.close()
 

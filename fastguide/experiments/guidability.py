@@ -23,6 +23,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._mapping import auto_pairs
+from .._plot import matplotlib_figure
+from .._utils import progress_bar
+from ..compare import compare
+from ..guidance import Guidance
+from . import models, tasks
+from .runner import code_version, default_workers, machine_line, render_table, run_jobs
+
 TARGETS = ("fcn", "rnn", "transformer")
 GUIDES = {"fcn": ("resnet", "fcn"), "rnn": ("transformer", "rnn"), "transformer": ("rnn", "transformer")}
 TASK_OF = {"fcn": "digits", "rnn": "copy", "transformer": "copy"}
@@ -75,8 +83,6 @@ def default_config(quick: bool = False, steps: int | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------- jobs
 def _task(name: str, cfg: Config, seed: int) -> dict:
     """Data, model factories, loss, layer names of one task."""
-    from . import models, tasks
-
     if name == "digits":
         p = cfg.digits
         data = tasks.digits(n_train=p["n_train"], seed=seed)
@@ -133,16 +139,12 @@ def _model(t: dict, name: str, role: str, seed: int):
 def _layers(t: dict, target: str, guide: str):
     if t["names"] is None:
         return "auto"
-    from .._mapping import auto_pairs
-
     tn, gn = t["names"][target], t["names"][guide]
     return [(tn[i], gn[j]) for i, j in auto_pairs(len(tn), len(gn))]
 
 
 def _alignment(target, guide, pairs, t: dict, cfg: Config) -> float:
     """Mean over the guided pairs of the held-out minibatch CKA between target and guide."""
-    from ..compare import compare
-
     x = t["test"][0][: cfg.align_examples]
     batches = [xb for xb in x.split(256) if xb.shape[0] >= 4]
     tn = list(dict.fromkeys(a for a, _ in pairs))
@@ -153,17 +155,12 @@ def _alignment(target, guide, pairs, t: dict, cfg: Config) -> float:
 
 
 def _pairs_of(target, guide, t: dict, tname: str, gname: str, device) -> list[tuple[str, str]]:
-    from ..guidance import Guidance
-
     with Guidance(target, guide, layers=_layers(t, tname, gname), example=t["example"].to(device)) as g:
         return g.pairs
 
 
 def run_job(job: dict) -> dict:
     """One (target, guide or None, seed) run. Top level, for spawned workers."""
-    from ..guidance import Guidance
-    from .demo import _evaluate
-
     torch.set_num_threads(job.get("threads", 1))
     cfg = Config(**job["config"])
     tname, gname, seed = job["target"], job["guide"], job["seed"]
@@ -198,7 +195,7 @@ def run_job(job: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    test_loss, test_acc = _evaluate(target, t["loss_correct"], t["count"], t["test"], device)
+    test_loss, test_acc = tasks.evaluate(target, t["loss_correct"], t["count"], t["test"], device)
     out = dict(
         target=tname,
         guide=gname,
@@ -221,16 +218,6 @@ def run_job(job: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- report
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="guidability runs", unit="run", dynamic_ncols=True)
-
-
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     v = torch.tensor(vals, dtype=torch.float64)
     return float(v.mean()), float(v.std()) if len(vals) > 1 else 0.0
@@ -300,13 +287,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                 pm(r, "align_guided"),
             ]
         )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), "  ".join("-" * w for w in widths)]
-    return "\n".join(out + [fmt.format(*line) for line in lines])
+    return render_table(head, lines, markdown)
 
 
 def _row_label(r: dict) -> str:
@@ -316,8 +297,6 @@ def _row_label(r: dict) -> str:
 
 def plot(rows: list[dict], runs: list[dict], path: str) -> None:
     """Test accuracy per row, alignment (init / unguided / guided) per guided row, history curves."""
-    from .._plot import matplotlib_figure
-
     fig = matplotlib_figure()(figsize=(16, 0.9 + 0.42 * len(rows) + 2.2))
     ax_acc, ax_cka, ax_hist = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1, 1, 1.1]))
     ys = list(range(len(rows)))[::-1]
@@ -387,8 +366,6 @@ def run_guidability(
     verbose: bool = True,
 ) -> dict:
     """Run the guidability grid; write guidability.json / .md / .png under ``out``; return the results."""
-    from .demo import _init_worker, code_version, machine_line
-
     t_start = time.perf_counter()
     cfg = default_config(quick, steps)
     targets = list(targets or TARGETS)
@@ -399,7 +376,7 @@ def run_guidability(
     if n_seeds < 1:
         raise ValueError(f"--seeds must be positive; got {n_seeds}")
     if workers is None:
-        workers = 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
+        workers = default_workers(device)
     if workers < 1:
         raise ValueError(f"--workers must be positive; got {workers}")
     threads = 1 if workers > 1 else max(1, torch.get_num_threads())
@@ -409,7 +386,7 @@ def run_guidability(
         for s in range(n_seeds)
         for g in (None, *GUIDES[tn])
     ]
-    bar = _progress(len(jobs), progress)
+    bar = progress_bar(len(jobs), progress, "guidability runs", "run")
     runs: list[dict] = []
 
     def done(r: dict) -> None:
@@ -418,15 +395,7 @@ def run_guidability(
             bar.set_postfix_str(f"{r['target']}<-{r['guide']}/seed{r['seed']}: {100 * r['test_acc']:.1f}%")
             bar.update(1)
 
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(1,)) as pool:
-            for r in pool.imap_unordered(run_job, jobs):
-                done(r)
-    else:
-        for j in jobs:
-            done(run_job(j))
+    run_jobs(run_job, jobs, done, workers=workers, spawn=workers > 1 and len(jobs) > 1)
     if bar is not None:
         bar.close()
     rows = summarize(runs, targets)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..compare import CompareResult, compare, default_input
+from . import models, tasks
 
 __all__ = ["run_heatmap", "load_model", "load_data", "SpecError", "BUILTIN_MODELS"]
 
@@ -80,8 +81,6 @@ def _split(x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> list:
 
 def load_data(spec: str, *, n: int, batch_size: int, seed: int = 0, arg: str = "--data") -> tuple[Any, dict]:
     """The batches of a data spec and what they are (``kind``: image / tokens / other, shape, vocab)."""
-    from . import tasks
-
     if n < 4:
         raise SpecError(f"--n must be at least 4; got {n}")
     if batch_size < 1:
@@ -130,8 +129,6 @@ def load_data(spec: str, *, n: int, batch_size: int, seed: int = 0, arg: str = "
 
 # ------------------------------------------------------------------------------------------ models
 def _builtin(name: str, info: dict) -> nn.Module:
-    from . import models
-
     if name in _IMAGE:
         if info.get("kind") != "image":
             raise SpecError(f"the built-in {name!r} model takes images (--data digits or random:CxHxW)")
@@ -195,8 +192,6 @@ def _layers(spec: str | None, arg: str):
 
 def _train(model: nn.Module, info: dict, steps: int, seed: int, device: torch.device) -> None:
     """The old built-in behaviour: train a model on its task for a few steps (Adam 1e-3, batch 64)."""
-    from . import tasks
-
     if info.get("task") == "digits":
         data = tasks.digits(n_train=1000, seed=seed)
         it = data.batches(64, torch.Generator().manual_seed(seed))

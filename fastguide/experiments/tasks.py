@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageData", "digits", "CopyPaste", "Parity"]
+__all__ = ["ImageData", "digits", "CopyPaste", "Parity", "evaluate"]
 
 
 @dataclass
@@ -138,3 +138,21 @@ class Parity:
 
     def count(self, y: torch.Tensor) -> int:
         return y.numel()
+
+
+@torch.no_grad()
+def evaluate(model, loss_correct, count, xy, device, batch: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``xy`` = (x, y) in batches, in eval mode (mode restored)."""
+    was = model.training
+    model.eval()
+    x, y = xy
+    tot_loss, tot_correct, n = 0.0, 0.0, 0
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
+        loss, correct = loss_correct(model(xb), yb)
+        k = count(yb)
+        tot_loss += float(loss) * k
+        tot_correct += float(correct)
+        n += k
+    model.train(was)
+    return tot_loss / n, tot_correct / n

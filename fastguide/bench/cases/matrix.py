@@ -15,7 +15,7 @@ from .._lib import reference as R
 from ..baselines import careful_matrix, ckatorch_matrix, compiled, have, naive_matrix, pytorch_cka_matrix
 from .base import Case, Runner, latent_layers, no_state
 
-__all__ = ["matrix_inputs", "matrix_model", "w2_case", "w3_matrix_case"]
+__all__ = ["matrix_case", "matrix_inputs", "matrix_model", "w2_case", "w3_matrix_case"]
 
 
 def _matrix_inputs(device, *, n, dx, dy, L, estimator, seed) -> dict:
@@ -33,6 +33,21 @@ def matrix_inputs(n, dx, dy, L, estimator, seed):
 def matrix_model(n, dx, dy, L, elt=4):
     """Useful-work model: symmetric Grams (n^2 d per layer) and the L x L pair products; inputs read once."""
     return L * n * n * (dx + dy) + 2 * L * L * n * n, L * n * (dx + dy) * elt
+
+
+def matrix_case(n: int, dx: int, dy: int, layers: int, estimator: str, seed: int, **fields) -> Case:
+    """A float32 :class:`Case` on ``layers`` + ``layers`` layers of ``n`` examples (widths ``dx`` / ``dy``):
+    the inputs, useful-work model and Gram bytes of the matrix-shaped workloads; ``fields``: the rest."""
+    fl, by = matrix_model(n, dx, dy, layers)
+    return Case(
+        estimator=estimator,
+        dtype="float32",
+        make=matrix_inputs(n, dx, dy, layers, estimator, seed),
+        model_flops=fl,
+        model_bytes=by,
+        gram_bytes=2 * layers * n * n * 4,
+        **fields,
+    )
 
 
 def _check_matrix(fn, inp, est_of_provider: str, estimator: str) -> dict:
@@ -92,41 +107,39 @@ def _matrix_providers(estimator: str, *, compile_=True, ckatorch=True, naive=Fal
 def w2_case(sc, compile_: bool) -> Case:
     c = sc["W2"]
     n, dx, dy, L = c["n"], c["dx"], c["dy"], c["layers"]
-    fl, by = matrix_model(n, dx, dy, L)
-    return Case(
+    return matrix_case(
+        n,
+        dx,
+        dy,
+        L,
+        "unbiased",
+        2,
         key="W2 matrix fwd",
         workload="W2",
         op="matrix",
         mode="fwd",
         title=f"W2 all-pairs CKA matrix: n={n} tokens, {L}x{L} layers, d={dx}/{dy}, unbiased",
         shapes={"n": n, "dx": dx, "dy": dy, "layers": L},
-        estimator="unbiased",
-        dtype="float32",
-        make=matrix_inputs(n, dx, dy, L, "unbiased", 2),
         providers=_matrix_providers("unbiased", compile_=compile_, ckatorch=False),
-        model_flops=fl,
-        model_bytes=by,
-        gram_bytes=2 * L * n * n * 4,
     )
 
 
 def w3_matrix_case(sc, compile_: bool, slow_peers: bool) -> Case:
     c = sc["W3"]
     n, d, L = c["n"], c["d"], c["layers"]
-    fl, by = matrix_model(n, d, d, L)
-    return Case(
+    return matrix_case(
+        n,
+        d,
+        d,
+        L,
+        "unbiased",
+        3,
         key="W3 matrix fwd",
         workload="W3",
         op="matrix",
         mode="fwd",
         title=f"W3 all-pairs CKA matrix: n={n}, {L}x{L} layers, d={d}, unbiased",
         shapes={"n": n, "d": d, "layers": L},
-        estimator="unbiased",
-        dtype="float32",
-        make=matrix_inputs(n, d, d, L, "unbiased", 3),
         providers=_matrix_providers("unbiased", compile_=compile_, ckatorch=slow_peers),
-        model_flops=fl,
-        model_bytes=by,
-        gram_bytes=2 * L * n * n * 4,
         budget_s=15.0,
     )

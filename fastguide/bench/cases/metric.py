@@ -10,7 +10,7 @@ from functools import partial
 from ... import MinibatchCKA
 from ..baselines import careful_metric_update, have, pytorch_cka_metric_update
 from .base import Case, Runner, no_state
-from .matrix import matrix_inputs, matrix_model
+from .matrix import matrix_case
 
 __all__ = ["metric_case"]
 
@@ -67,7 +67,6 @@ def pytorch_cka_metric(inp, device) -> Runner:
 def metric_case(sc) -> Case:
     c = sc["W3"]
     n, d, L = c["n"], c["d"], c["layers"]
-    fl, by = matrix_model(n, d, d, L)
     providers = {
         "fastguide-triton": partial(fastguide_metric, "triton"),
         "fastguide-torch": partial(fastguide_metric, "torch"),
@@ -75,18 +74,18 @@ def metric_case(sc) -> Case:
     }
     if have("cka"):
         providers["pytorch-cka"] = pytorch_cka_metric
-    return Case(
+    return matrix_case(
+        n,
+        d,
+        d,
+        L,
+        _EST,
+        5,
         key="W3 MinibatchCKA update",
         workload="W3",
         op="metric",
         mode="update",
         title=f"MinibatchCKA.update (W3 shape): n={n}, {L}x{L} layers, d={d}, unbiased, float64 sums",
         shapes={"n": n, "d": d, "layers": L},
-        estimator=_EST,
-        dtype="float32",
-        make=matrix_inputs(n, d, d, L, _EST, 5),
         providers=providers,
-        model_flops=fl,
-        model_bytes=by,
-        gram_bytes=2 * L * n * n * 4,
     )

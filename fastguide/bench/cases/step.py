@@ -250,23 +250,28 @@ def _hooked_values(inp: StepInputs, align, task_forward: bool):
     return a.detach(), [t.detach() for t in xs], ys
 
 
-def careful_step(inp: StepInputs, device) -> Runner:
-    values = partial(_hooked_values, inp, _careful_align, True)
+def _hooked_step(inp: StepInputs, device, align, *, task_forward: bool, note: str = "") -> Runner:
+    """A provider whose alignment ``align(inp, caps)`` reads activations captured by forward hooks."""
+    values = partial(_hooked_values, inp, align, task_forward)
     return Runner(
         partial(_captures, inp),
-        partial(_hooked_run, inp, device, _careful_align),
+        partial(_hooked_run, inp, device, align),
         _close_captures,
         partial(_check_alignment, inp, values),
+        note=note,
     )
 
 
+def careful_step(inp: StepInputs, device) -> Runner:
+    return _hooked_step(inp, device, _careful_align, task_forward=True)
+
+
 def paper_step(inp: StepInputs, device) -> Runner:
-    values = partial(_hooked_values, inp, _paper_align, False)
-    return Runner(
-        partial(_captures, inp),
-        partial(_hooked_run, inp, device, _paper_align),
-        _close_captures,
-        partial(_check_alignment, inp, values),
+    return _hooked_step(
+        inp,
+        device,
+        _paper_align,
+        task_forward=False,
         note="second target forward + naive linear_CKA per pair",
     )
 
