@@ -296,7 +296,27 @@ def batch_hsic(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return cross, self_all
 
 
+def _fused(plan: Plan):
+    """The backend's fused entries ``(fused_fwd, fused_bwd)`` where they apply to this plan (Gram
+    route, raw layers present), else None: the ops then compose the five basic entries."""
+    be = _BACKENDS[plan.backend]
+    fwd, bwd = getattr(be, "fused_fwd", None), getattr(be, "fused_bwd", None)
+    if fwd is None or bwd is None or plan.route != "gram" or not plan.layers:
+        return None
+    return fwd, bwd
+
+
+def _pre(plan: Plan, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The precomputed statistics (C, h, ok) in the call's dtype (no copy when already in it)."""
+    return plan.pre_C.to(dt), plan.pre_h.to(dt), plan.pre_ok
+
+
 def _forward(plan: Plan) -> tuple:
+    fused = _fused(plan)
+    if fused is not None:
+        dt = call_dtype(plan)
+        cka, table = fused[0](list(plan.layers), _pre(plan, dt), plan.pair_list, plan.estimator, dt)
+        return (cka, *table)
     pi, pj = pair_index(plan.pairs, plan.device)
     hsic, table, h_all, ok_all = _hsic_table(plan)
     return (tb.cka_from_hsic(hsic, h_all, ok_all, pi, pj), *table)
@@ -317,6 +337,12 @@ def _partners(plist, which) -> dict[int, list[int]]:
 
 def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Tensor, t: LayerTable):
     """Gradients of ``plan.layers[a]`` for each ``a`` in ``which`` (in that order)."""
+    fused = _fused(plan)
+    if fused is not None:
+        pre = _pre(plan, t.C.dtype)
+        return fused[1](
+            grad, cka, list(plan.layers), list(which), tuple(t), pre, plan.pair_list, plan.estimator
+        )
     be = _BACKENDS[plan.backend]
     plist = plan.pair_list
     pi, pj = pair_index(plan.pairs, grad.device)
@@ -397,3 +423,12 @@ def _backward(ctx, grad_cka, *_unused):
 
 
 torch.library.register_autograd("fastguide::cka_fwd", _backward, setup_context=_setup_context)
+
+#: The real implementations of the custom ops by name (the launch-count harness of
+#: tests/kernels/gpu_compile.py runs them on meta tensors, which otherwise dispatch to the fakes).
+OP_IMPLS = {
+    "cka_fwd": lambda *args: _forward(Plan(*args)),
+    "cka_bwd": lambda grad, which, cka, *rest: _backward_op(
+        Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE])
+    ),
+}

@@ -32,6 +32,20 @@ _TL_DTYPES = {
 }
 
 
+# The degeneracy rule of DESIGN.md section 3 / docs/numerics.md, the same numbers as the torch
+# backend (fastguide._torch_backend.degenerate_factor and VANISH_UNITS; tests/kernels/test_gram.py
+# checks they agree): a centred Gram at most VANISH_UNITS rounding units of the Gram it came from
+# vanishes.
+VANISH_UNITS = 64.0
+
+
+def degenerate_factor(dtype: torch.dtype) -> float:
+    """``(k eps)^2`` of an input dtype, the trace test's threshold per unit of ``||x||_F^2``: k = 4
+    for float32/float64, k = 1 for float16/bfloat16 (values rounded once from fp32 accumulation)."""
+    k = 1.0 if dtype in (torch.float16, torch.bfloat16) else 4.0
+    return (k * torch.finfo(dtype).eps) ** 2
+
+
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 

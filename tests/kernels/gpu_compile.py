@@ -693,6 +693,134 @@ def w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "hi
     }
 
 
+@contextlib.contextmanager
+def meta_as_cuda():
+    """Let the op layer take meta tensors for CUDA ones (``backend="triton"`` accepts their device), so
+    the public API runs over the stand-in driver exactly as on a GPU, with nothing allocated."""
+    import torch
+
+    import fastguide._ops as ops
+
+    old = ops.triton_usable
+    ops.triton_usable = lambda device: device.type in ("cuda", "meta") or old(device)
+    # Meta tensors dispatch to the ops' fake implementations; run the real ones instead (this
+    # process only: the gate runs in its own subprocess).
+    lib = torch.library.Library("fastguide", "IMPL")
+    for name, fn in ops.OP_IMPLS.items():
+        lib.impl(name, fn, "Meta", allow_override=True)
+    try:
+        yield
+    finally:
+        ops.triton_usable = old
+
+
+def public_w1_loss(estimator: str = "unbiased", weights=None):
+    """The W1 loss through the PUBLIC API: ``fastguide.CKALoss`` (backend "triton", route "gram") of
+    the 8 target layers against the ResNet-18 block outputs, 8 one-to-one pairs."""
+    import fastguide
+
+    return fastguide.CKALoss(
+        pairs=[(i, i) for i in range(8)], weights=weights, estimator=estimator, backend="triton", route="gram"
+    )
+
+
+def public_w1_step(estimator: str = "unbiased", weights=None):
+    """:func:`public_w1_loss`, forward + backward."""
+    loss_fn = public_w1_loss(estimator, weights)
+
+    def step(targets, guides):
+        loss = loss_fn(targets, guides)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def count_step(arch: int, step, make_inputs, dtype: str = "float32", precision: str = "high") -> dict:
+    """Device kernels of ``step(*make_inputs(dtype))`` on the second call (tables cached, autotuning
+    done): Triton launches (stand-in hook, launches skipped) + top-level aten compute ops (torch
+    profiler), and the host syncs seen."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dt = getattr(torch, dtype)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    gate = Gate(arch, compile_kernels=False)
+    try:
+        with gate.active(), meta_as_cuda():
+            args = make_inputs(dt)
+            step(*args)
+            gate.launches.clear()
+            for t in args[0]:  # as optimizer.zero_grad(set_to_none=True) leaves them
+                t.grad = None
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(*args)
+            launches = list(gate.launches)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    compute, syncs = _aten_compute_ops(prof)
+    return {
+        "triton_launches": len(launches),
+        "triton_kernels": dict(Counter(launches)),
+        "aten_compute_ops": len(compute),
+        "aten_ops": dict(Counter(compute)),
+        "device_kernels": len(launches) + len(compute),
+        "host_syncs": syncs,
+    }
+
+
+def w1_inputs(dt, n: int = 256):
+    """Meta tensors of W1: 8 target layers (n, 4096) requiring grad, 9 ResNet-18 block outputs."""
+    import torch
+
+    targets = [torch.empty((n, 4096), dtype=dt, device="meta", requires_grad=True) for _ in range(8)]
+    guides = [torch.empty((n, *s), dtype=dt, device="meta") for s in W1_GUIDE_SHAPES]
+    return targets, guides
+
+
+def public_w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
+    """:func:`count_step` of :func:`public_w1_step` (``fastguide.CKALoss``) on the W1 shapes."""
+    return count_step(arch, public_w1_step(), w1_inputs, dtype, precision)
+
+
+def public_w1_host_time(arch: int = 90, calls: int = 50, dtype: str = "float32") -> dict:
+    """Host time of one W1 ``CKALoss`` forward+backward with every launch stubbed: the op layer, the
+    launchers' host code, Triton's launch path up to its kernel-cache lookup, and aten dispatch on
+    meta tensors. Medians over ``calls`` calls after two warm-up calls, in ms; the stub is a bare
+    ``return True`` hook (no bookkeeping), so the figure excludes the driver's launch call itself
+    (a few microseconds per launch on a GPU). Not a timed test: the figures depend on the machine."""
+    import statistics
+
+    import torch
+    import triton
+
+    dt = getattr(torch, dtype)
+    loss_fn = public_w1_loss()
+    gate = Gate(arch, compile_kernels=False)
+    times, fwd = [], []
+    with gate.active(), meta_as_cuda():
+        triton.knobs.runtime.jit_cache_hook = lambda **kw: True
+        targets, guides = w1_inputs(dt)
+        for k in range(calls + 2):
+            for t in targets:
+                t.grad = None
+            t0 = time.perf_counter()
+            loss = loss_fn(targets, guides)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if k >= 2:
+                times.append(t2 - t0)
+                fwd.append(t1 - t0)
+    return {
+        "calls": calls,
+        "median_ms": 1e3 * statistics.median(times),
+        "forward_median_ms": 1e3 * statistics.median(fwd),
+        "min_ms": 1e3 * min(times),
+    }
+
+
 # --------------------------------------------------------------------------- report
 def summarise(variants: list[Variant]) -> dict:
     """Per (kernel, arch): variants, clean, and each problem's count."""
@@ -741,7 +869,14 @@ def main(argv=None) -> int:
     p.add_argument("--tier", choices=tuple(TIERS), default="default")
     p.add_argument("--json", help="write the variants and the summary here")
     p.add_argument("--table", action="store_true", help="print the markdown table")
-    p.add_argument("--launch-count", action="store_true", help="count the W1 loss's device kernels instead")
+    p.add_argument(
+        "--launch-count",
+        choices=("kernels", "public"),
+        nargs="?",
+        const="kernels",
+        help="count the W1 loss's device kernels instead: from the launchers, or through fastguide.CKALoss",
+    )
+    p.add_argument("--host-time", action="store_true", help="median host time of a W1 CKALoss call instead")
     args = p.parse_args(argv)
     for var in ("TRITON_INTERPRET", "FASTGUIDE_SKIP_AUTOTUNE"):
         if os.environ.get(var, "0") not in ("", "0"):
@@ -751,8 +886,12 @@ def main(argv=None) -> int:
     if missing:
         print("missing triton internals: " + ", ".join(missing), file=sys.stderr)
         return 3
+    if args.host_time:
+        print(json.dumps(public_w1_host_time(args.arch)))
+        return 0
     if args.launch_count:
-        result = w1_launch_count(args.arch)
+        count = w1_launch_count if args.launch_count == "kernels" else public_w1_launch_count
+        result = count(args.arch)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -140,17 +140,40 @@ def test_full_sweep_compiles_clean(tmp_path):
         _check(result)
 
 
-def test_w1_loss_is_at_most_16_device_kernels(tmp_path):
-    """W1 (n 256, 8 x 4096 targets vs 9 ResNet-18 block outputs, 8 pairs) forward + backward from
-    the launchers: Triton launches + aten compute ops, launches stubbed, second call."""
+def _launch_count(tmp_path, level: str) -> dict:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    out = tmp_path / "w1.json"
-    cmd = [sys.executable, str(HERE / "gpu_compile.py"), "--arch", "90", "--launch-count", "--json", str(out)]
+    out = tmp_path / f"w1_{level}.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "gpu_compile.py"),
+        "--arch",
+        "90",
+        "--launch-count",
+        level,
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    count = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("level", ["kernels", "public"])
+def test_w1_loss_is_at_most_16_device_kernels(tmp_path, level):
+    """W1 (n 256, 8 x 4096 targets vs ResNet-18 block outputs, 8 pairs) forward + backward, launches
+    stubbed, second call: Triton launches + aten compute ops, no host sync. ``kernels``: from the
+    launchers; ``public``: ``fastguide.CKALoss(backend="triton")`` through the op layer."""
+    count = _launch_count(tmp_path, level)
     assert count["host_syncs"] == [], f"host synchronisation in the W1 step: {count['host_syncs']}"
-    assert count["triton_launches"] == 6, count  # gram 4 (fwd, rowsum, centre, finish), pairs 1, backward 1
+    # gram 4 (fwd, rowsum, centre, finish), CKA pairs 1 (HSIC + epilogue), backward 1 (all targets)
+    assert count["triton_kernels"] == {
+        "_gram_fwd_kernel": 1,
+        "_gram_rowsum_kernel": 1,
+        "_gram_center_kernel": 1,
+        "_gram_finish_kernel": 1,
+        "_cka_pairs_fwd_kernel": 1,
+        "_cka_pairs_bwd_kernel": 1,
+    }, count
     assert count["device_kernels"] <= MAX_W1_KERNELS, count
