@@ -68,6 +68,17 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands upcast from inputs of ``dtype`` (the backward's and the
+    grouped kernels' dots): fp32 inputs follow the matmul precision (:func:`input_precision`);
+    16-bit inputs always use TF32 (tensor cores: their results are rounded to 8 or 11 bits anyway,
+    and fp16 operands would flush the ~1e-5 magnitudes of G = W C / N to subnormals); fp64 stays
+    IEEE. The interpreter's dot is exact whatever the flag."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    return input_precision(dtype)
+
+
 def check_float(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")

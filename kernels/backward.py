@@ -31,7 +31,7 @@ from ._common import (
     aligned_2d,
     check_float,
     device_table,
-    input_precision,
+    dot_precision,
     layout_2d,
     needs_int64,
     on_input_device,
@@ -297,15 +297,6 @@ def _cka_pairs_bwd_kernel(
     tl.store(dx_tile + off_o, out.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow the matmul precision; 16-bit inputs always use TF32 for the fp32 G and X^
-    (their gradient is rounded to 8 or 11 bits anyway, and fp16 operands would flush the ~1e-5
-    magnitudes of G = W C / N to subnormals); fp64 stays IEEE."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
-    return input_precision(dtype)
-
-
 def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_args, two, pairs, inv_norm):
     """Launch the backward kernel once per (dtype, layout, alignment, offset width) group of the
     target layers ``xs``; returns their gradients (one new (n, d) tensor each).
@@ -330,7 +321,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
         groups.setdefault((x.dtype, layout_2d(x), aligned, idx64), []).append(i)
     for (dtype, layout, aligned, idx64), idx in groups.items():
         vector = aligned and layout == 0 and n % 16 == 0
-        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", vector)
+        BM, BN = grad_blocks(n, dot_precision(dtype) == "ieee", vector)
         lay_rows = []
         for i in idx:
             x = xs[i]
@@ -385,7 +376,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             C_ALIGNED=c_aligned,
             IDX=tl.int64 if idx64 else tl.int32,
             ACC=tl_dtype(acc),
-            INPUT_PRECISION=_dot_precision(dtype),
+            INPUT_PRECISION=dot_precision(dtype),
         )
     return outs
 

@@ -349,6 +349,29 @@ MODES = [
 W1_GUIDE = [200704, 200704, 200704, 100352, 100352, 50176, 50176, 25088, 25088]
 
 
+def _group_view(case: str, dt):
+    """The (G, n, d) view ``fastguide._structure`` hands the grouped kernels, as a meta tensor."""
+    import torch
+
+    kind, shape = GROUP_CASES[case]
+    x = torch.empty(shape, dtype=dt, device="meta")
+    if len(shape) == 4:  # (B, C, H, W) -> (B, C, HW)
+        x = x.flatten(2)
+        return x.permute(2, 0, 1) if kind == "positions" else x.transpose(1, 2)
+    return x.transpose(0, 1) if kind == "positions" else x  # (B, T, D)
+
+
+# Grouped-mode activations: positions = G positions of n = B examples; structure = G = B samples
+# of n tokens (T, or H*W). Odd n (196), n at one tile (16) and unit strides on either axis.
+GROUP_CASES = {
+    "positions seq": ("positions", (64, 128, 768)),
+    "structure seq": ("structure", (32, 196, 384)),
+    "positions conv": ("positions", (64, 256, 14, 14)),
+    "structure conv": ("structure", (32, 256, 14, 14)),
+    "positions small": ("positions", (16, 8, 100)),
+}
+
+
 @dataclass
 class Sweep:
     """What one tier drives, per mode: the Cartesian product of these, plus the grouped cases."""
@@ -366,6 +389,7 @@ class Sweep:
     odd_layouts: list = field(default_factory=list)
     groups: tuple = ("W1 target+guide", "W3", "mixed")  # gram_fwd layer lists
     bwd_cases: tuple = ("W1", "W3", "all pairs 12x12", "self and within")  # cka_pairs_bwd cases
+    group_cases: tuple = tuple(GROUP_CASES)  # kernels/group.py views (tokens="positions"/"structure")
 
 
 TIERS = {
@@ -387,6 +411,7 @@ TIERS = {
         odd_layouts=["transposed", "offset", "strided"],
         groups=("W1 target+guide",),
         bwd_cases=("W1",),
+        group_cases=("positions seq", "structure conv", "positions small"),
     ),
     # The sweep the before/after table of kernels/README.md was measured with (the first version
     # of this gate's default tier).
@@ -473,6 +498,7 @@ def drive(gate: Gate, tier: str, errors: list) -> None:
                 _drive_gram(gate, K, dt, es, est, ns, sw.widths, lay, sw.groups, errors)
             _drive_pairs(gate, K, dt, acc, ns, sw.stacks, errors)
             _drive_backward(gate, K, dt, es, acc, ns, sw.grad_widths, layouts, sw.ks, sw.bwd_cases, errors)
+            _drive_group(gate, dt, acc, sw.group_cases, errors)
     finally:
         torch.set_float32_matmul_precision(old_prec)
 
@@ -560,6 +586,20 @@ def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, bwd_cases, er
             with gate.tag(*_x_tags(n, dt_, "contig", es), *_n_tags(n)):
                 _call(gate, errors, f"cka_pairs_bwd {name} n={n}", K.cka_pairs_bwd, g, g, xs,
                       list(range(len(dt_))), C, vec, vec, ok, pairs, "unbiased")  # fmt: skip
+
+
+def _drive_group(gate, dt, acc, cases, errors):
+    import torch
+    from fastguide.kernels import group
+
+    for case in cases:
+        x = _group_view(case, dt)
+        G, n, d = x.shape
+        shift = torch.empty((G, d), dtype=acc, device="meta")
+        K = torch.empty((G, n, n), dtype=acc, device="meta")
+        scale = torch.empty((G,), dtype=acc, device="meta")
+        _call(gate, errors, f"group_gram_fwd {case}", group.group_gram_fwd, x, shift, K)
+        _call(gate, errors, f"group_grad_bwd {case}", group.group_grad_bwd, K, x, shift, scale)
 
 
 # --------------------------------------------------------------------------- W1 launch count

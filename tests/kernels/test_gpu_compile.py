@@ -34,8 +34,16 @@ EXPECTED_KERNELS = {
     "_cka_pairs_fwd_kernel",
     "_cka_matrix_fwd_kernel",
     "_cka_pairs_bwd_kernel",
+    "_group_gram_fwd_kernel",
+    "_group_grad_bwd_kernel",
 }
-MATMUL_KERNELS = {"_gram_fwd_kernel", "_cka_matrix_fwd_kernel", "_cka_pairs_bwd_kernel"}
+MATMUL_KERNELS = {
+    "_gram_fwd_kernel",
+    "_cka_matrix_fwd_kernel",
+    "_cka_pairs_bwd_kernel",
+    "_group_gram_fwd_kernel",
+    "_group_grad_bwd_kernel",
+}
 MAX_W1_KERNELS = 16
 
 
