@@ -71,7 +71,13 @@ def gram_table(
         out = load_kernels().gram_fwd(list(xs), estimator)
     else:
         parts = [load_kernels().gram_fwd([xs[k] for k in g], estimator) for g in groups]
-        order = torch.tensor([k for g in groups for k in g], device=xs[0].device).argsort()
+        from .kernels._common import device_table
+
+        # Where each layer landed in the concatenation (host-computed; cached device table).
+        where = [0] * len(xs)
+        for pos, k in enumerate(k for g in groups for k in g):
+            where[k] = pos
+        order = device_table(where, torch.int64, xs[0].device)
         out = tuple(
             torch.cat([p[i].to(torch.float64) if p[i].is_floating_point() else p[i] for p in parts])[order]
             for i in range(5)

@@ -247,6 +247,20 @@ def test_cka_pairs_bwd_matches_grad_x(dev, highest_precision):
         assert_close_verbose(out, exp, 1e-5 * exp.abs().max().item(), f"layer {a}")
 
 
+def test_cka_pairs_bwd_takes_an_expanded_gradient(dev):
+    """The gradient of ``cka.sum()`` arrives expanded (stride 0): read with its stride, not copied."""
+    n, estimator = 16, "unbiased"
+    xs = [torch.randn(n, 16, device=dev), torch.randn(n, 16, device=dev), torch.randn(n, 16, device=dev)]
+    pairs = [(0, 1), (0, 2)]
+    C, s, ok, h, _ = gram_fwd(xs, estimator)
+    cka, _ = cka_pairs_fwd(C, h, ok, pairs, estimator)
+    g = torch.ones((), device=dev).expand(2)
+    assert g.stride() == (0,)
+    got = cka_pairs_bwd(g, cka, [xs[0]], [0], C, s, h, ok, pairs, estimator)[0]
+    want = cka_pairs_bwd(g.contiguous(), cka, [xs[0]], [0], C, s, h, ok, pairs, estimator)[0]
+    assert torch.equal(got, want)
+
+
 def test_cka_pairs_bwd_bad_input(dev):
     x = torch.randn(6, 3, device=dev)
     C, s, ok, h, _ = gram_fwd([x, torch.randn(6, 2, device=dev)], "unbiased")
