@@ -221,3 +221,20 @@ def test_device_tables_stay_put_between_steps():
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
     assert len(before) >= 5  # pairs, Gram programs, centring tiles, slots, contributions, programs
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["raw", "layer-stats"])
+def test_opcheck_fused_forward(pre):
+    """The custom op on the fused path: fake, schema, autograd registration (torch.library.opcheck)."""
+    from fastguide import _ops
+    from fastguide._validate import Options
+
+    xs = [x.double().requires_grad_(True) for x in _layers(10, (4, 6))]
+    ys = [y.double() for y in _layers(10, (5,))]
+    opts = Options(estimator="unbiased", backend="triton", route="gram")
+    if pre:
+        plan = _ops.build_plan(xs, [fg.layer_stats(ys[0], backend="triton")], [(0, 2), (1, 2), (0, 1)], opts)
+    else:
+        plan = _ops.build_plan(xs + ys, [], [(0, 2), (1, 2), (0, 1)], opts)
+    assert plan.backend == "triton" and _ops._fused(plan) is not None
+    torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, plan.args())
