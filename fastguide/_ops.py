@@ -14,7 +14,11 @@ list is written once. The ops are wired with ``torch.library.register_autograd``
 ``torch.compile`` and ``torch.library.opcheck`` all see the same analytic backward. Pairs travel as a
 flat ``list[int]`` ``[i0, j0, i1, j1, ...]`` of global layer indices (raw layers first, then
 precomputed ones). The arithmetic is the backend's (:mod:`fastguide._torch_backend` or
-:mod:`fastguide._triton_backend`, chosen in the plan); the op bodies only route.
+:mod:`fastguide._triton_backend`, chosen in the plan); the op bodies only route: a Gram-route plan
+goes through the backend's optional fused entries ``fused_fwd``/``fused_bwd`` when it has them
+(:func:`_fused`; the Triton backend: 5 launches forward, 1 backward), otherwise through the five
+basic entries composed here (:func:`_hsic_table`, :func:`_backward_op`). No host synchronisation:
+index tables are cached device tensors.
 """
 
 from __future__ import annotations

@@ -1,11 +1,24 @@
-"""The Triton backend: the functions of :mod:`fastguide._torch_backend` on the fused kernels.
+"""The Triton backend: the backend interface of :mod:`fastguide._torch_backend` on the fused kernels.
 
-Same five entry points (``gram_table``, ``pair_dots``, ``layer_grad``, ``feature_fwd``,
-``feature_bwd``), so the ops pick a backend and never branch on it. It wraps the launchers of
-``fastguide.kernels`` (imported lazily by :func:`load_kernels`: Triton is needed on this path only):
-``gram_fwd`` for the Gram statistics, ``hsic_pairs`` for the pair dots, ``grad_x`` for the per-layer
-gradient. The feature route is plain GEMMs on (n, d) matrices, so it runs the torch
+The five basic entries (``gram_table``, ``pair_dots``, ``layer_grad``, ``feature_fwd``,
+``feature_bwd``) plus the two optional fused ones the ops prefer when a backend has them:
+
+* :func:`fused_fwd` -- the forward of a Gram-route call in a fixed number of launches:
+  ``gram_fwd`` of the raw layers (4 launches, the degeneracy rule included), then ONE
+  ``cka_pairs_fwd`` (pair HSICs and the CKA epilogue, precomputed ``LayerStats`` as its second
+  stack, no concatenation) or, for an all-pairs block (``cka_matrix``), ONE ``cka_matrix_fwd``;
+* :func:`fused_bwd` -- ONE ``cka_pairs_bwd`` launch for every layer that needs a gradient (pair
+  weights, degenerate masks, 1/N and 2/s computed in the kernel).
+
+So ``CKALoss`` forward+backward on W1 is 6 Triton launches and no torch op of its own
+(kernels/README.md). The ops pick a backend module and call whichever entries it has; they never
+branch on its name. ``pair_dots``/``layer_grad`` (``hsic_pairs``/``grad_x``) remain for the calls
+the fused entries do not take: statistics-only plans (``MinibatchCKA``'s ``batch_hsic``). The
+launchers come from ``fastguide.kernels`` (imported lazily by :func:`load_kernels`: Triton is needed
+on this path only). The feature route is plain GEMMs on (n, d) matrices, so it runs the torch
 implementation here too. Linear kernel only (``kernel="rbf"`` is refused when the backend is chosen).
+No host synchronisation anywhere: index and pointer tables are cached device tensors
+(``fastguide.kernels._common.device_table``).
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ def on_input_device(fn):
 
 _TABLES: OrderedDict = OrderedDict()
 _TABLES_MAX = 512
+_CAPTURED: dict = {}  # tables used while a CUDA graph was captured: kept for the process's life
 
 
 def device_table(values, dtype: torch.dtype, device: torch.device, key=None) -> torch.Tensor:
@@ -119,24 +120,33 @@ def device_table(values, dtype: torch.dtype, device: torch.device, key=None) -> 
 
     Host-built tables (program tables, pointer tables) are reused while their content repeats, as
     it does in a training loop (the caching allocator hands back the same addresses). A miss copies
-    from pinned memory with ``non_blocking=True``, which does not synchronise the stream.
+    from pinned memory with ``non_blocking=True``, which does not synchronise the stream. The cache
+    is an LRU of ``_TABLES_MAX`` entries, except that tables used during a CUDA-graph capture are
+    kept for good (kernels/README.md, "CUDA graphs").
     """
     if key is None:
         values = tuple(values)
         key = values
     key = (key, dtype, str(device))
-    hit = _TABLES.get(key)
+    # A table a CUDA graph is being captured with is referenced by that graph's replays: it must
+    # never be evicted (nor its pinned source, which a captured miss copies from on every replay).
+    captured = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    hit = _TABLES.get(key) or _CAPTURED.get(key)
     if hit is not None:
-        _TABLES.move_to_end(key)
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+        if captured:
+            _CAPTURED[key] = hit
         return hit[0]
     host = torch.tensor(list(values() if callable(values) else values), dtype=dtype)
     if device.type == "cuda":
-        # The pinned source stays cached too: a copy captured in a CUDA graph re-reads it on replay.
         host = host.pin_memory()
         t = host.to(device, non_blocking=True)
     else:
         t = host.to(device)
     _TABLES[key] = (t, host)
+    if captured:
+        _CAPTURED[key] = (t, host)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return t
@@ -180,6 +190,7 @@ def needs_int64(rows: int, stride_rows: int, cols: int, stride_cols: int) -> boo
 
 
 _COUNTERS: dict = {}
+_RETIRED: list = []
 
 
 def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
@@ -194,6 +205,8 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < size:
+        if buf is not None:
+            _RETIRED.append(buf)  # a captured CUDA graph may still count in it: never freed
         buf = torch.zeros(
             max(size, 1024 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device
         )

@@ -605,7 +605,8 @@ def _drive_group(gate, dt, acc, cases, errors):
 # --------------------------------------------------------------------------- W1 launch count
 # aten ops that never launch a device kernel (allocation, views, metadata).
 _FREE_OPS = {
-    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "_reshape_alias", "as_strided",
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+    "_reshape_alias", "as_strided",
     "t", "transpose", "permute", "expand", "expand_as", "slice", "select", "squeeze", "unsqueeze",
     "detach", "detach_", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "unbind", "split",
     "chunk", "narrow", "diagonal", "numpy_T", "set_", "result_type", "_has_compatible_shallow_copy_type",
@@ -819,6 +820,62 @@ def w1_inputs(dt, n: int = 256):
     return targets, guides
 
 
+def guidance_w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
+    """W1 through ``fastguide.Guidance`` (backend "triton"): the device kernels a guided step adds to
+    the same step without guidance. The target is 8 bias-free Linear(4096, 4096) layers, the guide
+    9 modules that emit the ResNet-18 block-output shapes for free (``new_empty``), mapped
+    one-to-one on the first 8; both steps run ``target(x)`` and ``backward()`` of a scalar loss."""
+    import torch
+    from torch import nn
+
+    import fastguide
+
+    class Emit(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape = shape
+            self.register_buffer("anchor", torch.empty((), device="meta"))  # puts the guide on meta
+
+        def forward(self, x):
+            return x.new_empty((x.shape[0], *self.shape))
+
+    class Guide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Emit(s) for s in W1_GUIDE_SHAPES)
+
+        def forward(self, x):
+            return [b(x) for b in self.blocks]
+
+    dt = getattr(torch, dtype)
+    target = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(8)]).to(device="meta", dtype=dt)
+    guide = Guide()
+    layers = {str(i): f"blocks.{i}" for i in range(8)}
+    guidance = fastguide.Guidance(target, guide, layers=layers, backend="triton", route="gram")
+    x = torch.empty((256, 4096), dtype=dt, device="meta")
+    params = list(target.parameters())
+
+    def guided(ps):
+        (target(x).sum() + guidance.loss(x)).backward()
+
+    def plain(ps):
+        target(x).sum().backward()
+
+    with_g = count_step(arch, guided, lambda _dt: (params,), dtype, precision)
+    without = count_step(arch, plain, lambda _dt: (params,), dtype, precision)
+    guidance.close()
+    added = Counter(with_g["aten_ops"])
+    added.subtract(without["aten_ops"])
+    return {
+        "triton_launches": with_g["triton_launches"] - without["triton_launches"],
+        "triton_kernels": with_g["triton_kernels"],
+        "aten_compute_ops": with_g["aten_compute_ops"] - without["aten_compute_ops"],
+        "aten_ops": {k: v for k, v in added.items() if v},
+        "device_kernels": with_g["device_kernels"] - without["device_kernels"],
+        "host_syncs": with_g["host_syncs"],
+    }
+
+
 def public_w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
     """:func:`count_step` of :func:`public_w1_step` (``fastguide.CKALoss``) on the W1 shapes."""
     return count_step(arch, public_w1_step(), w1_inputs, dtype, precision)
@@ -911,7 +968,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="print the markdown table")
     p.add_argument(
         "--launch-count",
-        choices=("kernels", "public"),
+        choices=("kernels", "public", "guidance"),
         nargs="?",
         const="kernels",
         help="count the W1 loss's device kernels instead: from the launchers, or through fastguide.CKALoss",
@@ -930,7 +987,9 @@ def main(argv=None) -> int:
         print(json.dumps(public_w1_host_time(args.arch)))
         return 0
     if args.launch_count:
-        count = w1_launch_count if args.launch_count == "kernels" else public_w1_launch_count
+        count = {"kernels": w1_launch_count, "public": public_w1_launch_count}.get(
+            args.launch_count, guidance_w1_launch_count
+        )
         result = count(args.arch)
         if args.json:
             with open(args.json, "w") as f:

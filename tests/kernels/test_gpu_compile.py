@@ -185,3 +185,18 @@ def test_w1_loss_is_at_most_16_device_kernels(tmp_path, level):
         "_cka_pairs_bwd_kernel": 1,
     }, count
     assert count["device_kernels"] <= MAX_W1_KERNELS, count
+
+
+def test_guidance_w1_step_adds_only_the_hook_grams_and_the_fused_loss(tmp_path):
+    """W1 through ``fastguide.Guidance``: what a guided step adds to the unguided one. Each of the 8
+    guide hooks reduces its layer with one ``gram_fwd`` (4 launches: the guide's activations are
+    freed layer by layer, DESIGN.md section 4), the loss is one ``gram_fwd`` of the targets, one
+    ``cka_pairs_fwd`` with the guide statistics as its second stack and one ``cka_pairs_bwd``; no
+    host synchronisation (kernels/README.md records the full count)."""
+    count = _launch_count(tmp_path, "guidance")
+    assert count["host_syncs"] == [], f"host synchronisation in the guided step: {count['host_syncs']}"
+    grams = {
+        k: 9
+        for k in ("_gram_fwd_kernel", "_gram_rowsum_kernel", "_gram_center_kernel", "_gram_finish_kernel")
+    }
+    assert count["triton_kernels"] == {**grams, "_cka_pairs_fwd_kernel": 1, "_cka_pairs_bwd_kernel": 1}, count
