@@ -81,20 +81,19 @@ def gram_table(
     groups = [[k for k, x in enumerate(xs) if (x.dtype == torch.float64) == f64] for f64 in (False, True)]
     groups = [g for g in groups if g]
     if len(groups) == 1:
-        out = load_kernels().gram_fwd(list(xs), estimator)
-    else:
-        parts = [load_kernels().gram_fwd([xs[k] for k in g], estimator) for g in groups]
-        from .kernels._common import device_table
+        return load_kernels().gram_fwd(list(xs), estimator, with_klog=True)
+    parts = [load_kernels().gram_fwd([xs[k] for k in g], estimator) for g in groups]
+    from .kernels._common import device_table
 
-        # Where each layer landed in the concatenation (host-computed; cached device table).
-        where = [0] * len(xs)
-        for pos, k in enumerate(k for g in groups for k in g):
-            where[k] = pos
-        order = device_table(where, torch.int64, xs[0].device)
-        out = tuple(
-            torch.cat([p[i].to(torch.float64) if p[i].is_floating_point() else p[i] for p in parts])[order]
-            for i in range(5)
-        )
+    # Where each layer landed in the concatenation (host-computed; cached device table).
+    where = [0] * len(xs)
+    for pos, k in enumerate(k for g in groups for k in g):
+        where[k] = pos
+    order = device_table(where, torch.int64, xs[0].device)
+    out = tuple(
+        torch.cat([p[i].to(torch.float64) if p[i].is_floating_point() else p[i] for p in parts])[order]
+        for i in range(5)
+    )
     return (*out, torch.zeros_like(out[1]))
 
 

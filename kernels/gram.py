@@ -378,6 +378,7 @@ def _gram_finish_kernel(
     h_ptr,
     ok_ptr,
     sig_ptr,
+    klog_ptr,
     s_ptr,
     hp_ptr,
     ok8_ptr,
@@ -393,9 +394,9 @@ def _gram_finish_kernel(
     """Self-HSIC and final flags: ``h = sum(hp) / N``; ``ok = ok8 & ~(h <= 0) & ~vanishes`` with
     ``vanishes = s sqrt(h N) <= vanish_coef tr(K)`` (the centred Gram is zero up to the rounding of
     the Gram it was centred from: DESIGN.md section 3, docs/numerics.md "Degenerate layers");
-    ``s = 1`` where not ok; ``sig = 1``.
+    ``s = 1`` where not ok; ``sig = 1``; ``klog = 0`` (the op table's RBF-scale column).
 
-    Pointers: h_ptr (L,) ACC; ok_ptr (L,) bool; sig_ptr (L,) ACC; s_ptr (L,) ACC, read and
+    Pointers: h_ptr (L,) ACC; ok_ptr (L,) bool; sig_ptr, klog_ptr (L,) ACC; s_ptr (L,) ACC, read and
     rewritten; hp_ptr (L, num_upper) partials of <C, C> from the centring pass; ok8_ptr (L,) int8
     trace test; tp_ptr (L, num_rblocks, 2) tot/tr partials of the row-sum pass.
     Grid: (L,). (One launch instead of a handful of tiny torch ops: the W1 loss is launch-bound.)
@@ -426,6 +427,7 @@ def _gram_finish_kernel(
     tl.store(ok_ptr + layer, ok)
     tl.store(s_ptr + layer, tl.where(ok, s, 1.0))
     tl.store(sig_ptr + layer, nf * 0.0 + 1.0)  # exactly 1 in ACC (n is finite)
+    tl.store(klog_ptr + layer, nf * 0.0)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -480,7 +482,8 @@ def gram_fwd(
     *,
     block_m: int | None = None,
     split: int | list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_klog: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Normalised centred Grams of L layers (linear kernel); the Triton twin of the torch
     backend's ``gram_fwd``.
 
@@ -490,6 +493,8 @@ def gram_fwd(
       estimator: ``"unbiased"`` (U-centring) or ``"biased"`` (H K H).
       block_m, split: tuning overrides (tile size; feature-axis splits per layer) for tests and
         benchmarks; ``None`` picks them from ``kernels/_configs.py``.
+      with_klog: also return ``klog`` (L,) zeros, the op table's RBF-scale column, written by the
+        last launch (one torch fill fewer per call on the op path).
 
     Returns (C, s, ok, h, sig): C (L, n, n) in the accumulation dtype (fp64 for fp64 inputs, else
     fp32), s (L,), ok (L,) bool, h (L,), sig (L,) ones. Launches: one per (dtype, layout,
@@ -643,10 +648,12 @@ def gram_fwd(
     h = torch.empty((L,), dtype=acc, device=device)
     ok = torch.empty((L,), dtype=torch.bool, device=device)
     sig = torch.empty((L,), dtype=acc, device=device)
+    klog = torch.empty((L,), dtype=acc, device=device)
     _gram_finish_kernel[(L,)](
         h,
         ok,
         sig,
+        klog,
         s,
         hp,
         ok8,
@@ -659,7 +666,7 @@ def gram_fwd(
         BLOCK_T=BT,
         UNBIASED=estimator == "unbiased",
     )
-    return K, s, ok, h, sig
+    return (K, s, ok, h, sig, klog) if with_klog else (K, s, ok, h, sig)
 
 
 __all__ = ["gram_fwd"]
