@@ -139,13 +139,16 @@ feature_bwd = tb.feature_bwd
 def _matrix_block(pairs: tuple[tuple[int, int], ...], L1: int, L2: int):
     """``(r0, a, c0, b)`` when ``pairs`` is the row-major all-pairs block rows [r0, r0 + a) x columns
     [c0, c0 + b) of the layer space (raw layers [0, L1), precomputed [L1, L1 + L2)), each range
-    inside one stack (what ``cka_matrix`` builds); else None."""
+    inside one stack and at least 2 x 2 (what ``cka_matrix`` builds); else None (a single row or
+    column is a handful of pairs: the exact elementwise pair kernel, not a padded GEMM)."""
     if not pairs:
         return None
     r0, c0 = pairs[0]
     b = next((k for k, (i, _) in enumerate(pairs) if i != r0), len(pairs))
     a = len(pairs) // b
-    if a * b != len(pairs) or pairs != tuple((r0 + i, c0 + j) for i in range(a) for j in range(b)):
+    if min(a, b) < 2 or a * b != len(pairs):
+        return None
+    if pairs != tuple((r0 + i, c0 + j) for i in range(a) for j in range(b)):
         return None
     for lo, hi in ((r0, r0 + a), (c0, c0 + b)):
         if not (hi <= L1 or lo >= L1) or hi > L1 + L2:

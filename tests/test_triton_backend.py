@@ -238,3 +238,10 @@ def test_opcheck_fused_forward(pre):
         plan = _ops.build_plan(xs + ys, [], [(0, 2), (1, 2), (0, 1)], opts)
     assert plan.backend == "triton" and _ops._fused(plan) is not None
     torch.library.opcheck(torch.ops.fastguide.cka_fwd.default, plan.args())
+
+
+def test_single_pair_and_single_row_use_the_pair_kernel(launcher_calls):
+    x, y, z = _layers(9, (4, 6, 5))
+    fg.cka(x, y, backend="triton", route="gram")
+    fg.cka_matrix([x], [y, z], backend="triton", route="gram")
+    assert launcher_calls == {"gram_fwd": 2, "cka_pairs_fwd": 2}
