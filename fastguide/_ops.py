@@ -369,10 +369,19 @@ def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Te
 
 
 # --------------------------------------------------------------------------- custom ops
+def _cka_fwd_impl(*args):
+    """Returns (cka (P,), C, s, ok, h, sig, klog): see :class:`LayerTable`."""
+    return _forward(Plan(*args))
+
+
+def _cka_bwd_impl(grad, which, cka, *rest):
+    """Gradients of ``layers[a]`` for each ``a`` in ``which`` (in that order)."""
+    return _backward_op(Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE]))
+
+
 @torch.library.custom_op("fastguide::cka_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _cka_fwd(*args):
-    """Returns (cka (P,), C, s, ok, h, sig): see :class:`LayerTable`."""
-    return _forward(Plan(*args))
+    return _cka_fwd_impl(*args)
 
 
 @_cka_fwd.register_fake
@@ -394,8 +403,7 @@ def _(*args):
 
 @torch.library.custom_op("fastguide::cka_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _cka_bwd(grad, which, cka, *rest):
-    """Gradients of ``layers[a]`` for each ``a`` in ``which`` (in that order)."""
-    return _backward_op(Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE]))
+    return _cka_bwd_impl(grad, which, cka, *rest)
 
 
 @_cka_bwd.register_fake
@@ -430,9 +438,4 @@ torch.library.register_autograd("fastguide::cka_fwd", _backward, setup_context=_
 
 #: The real implementations of the custom ops by name (the launch-count harness of
 #: tests/kernels/gpu_compile.py runs them on meta tensors, which otherwise dispatch to the fakes).
-OP_IMPLS = {
-    "cka_fwd": lambda *args: _forward(Plan(*args)),
-    "cka_bwd": lambda grad, which, cka, *rest: _backward_op(
-        Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE])
-    ),
-}
+OP_IMPLS = {"cka_fwd": _cka_fwd_impl, "cka_bwd": _cka_bwd_impl}
