@@ -1,7 +1,9 @@
 """GPU readiness without a GPU (DESIGN.md section 6): every kernel variant the launchers reach
 compiles for sm_80 and sm_90 with no spills, shared memory within the per-block limit, tensor
-cores in fp16/bf16/TF32 matmuls and 16-byte loads on aligned streaming operands; a W1 loss
-forward+backward is at most 16 device kernels with no host sync.
+cores in fp16/bf16/TF32 matmuls and 16-byte loads on aligned streaming operands (the grouped
+kernels of kernels/group.py included); a W1 loss forward+backward is at most 16 device kernels with
+no host sync, from the launchers and through ``fastguide.CKALoss``; a ``Guidance`` step adds only
+its hooks' Grams and the fused loss.
 
 Each check runs ``tests/kernels/gpu_compile.py`` in a subprocess (its stand-in driver must never
 leak into the interpreter tests). Tiers: the default sweep (every autotune config the launchers
