@@ -14,7 +14,11 @@ list is written once. The ops are wired with ``torch.library.register_autograd``
 ``torch.compile`` and ``torch.library.opcheck`` all see the same analytic backward. Pairs travel as a
 flat ``list[int]`` ``[i0, j0, i1, j1, ...]`` of global layer indices (raw layers first, then
 precomputed ones). The arithmetic is the backend's (:mod:`fastguide._torch_backend` or
-:mod:`fastguide._triton_backend`, chosen in the plan); the op bodies only route.
+:mod:`fastguide._triton_backend`, chosen in the plan); the op bodies only route: a Gram-route plan
+goes through the backend's optional fused entries ``fused_fwd``/``fused_bwd`` when it has them
+(:func:`_fused`; the Triton backend: 5 launches forward, 1 backward), otherwise through the five
+basic entries composed here (:func:`_hsic_table`, :func:`_backward_op`). No host synchronisation:
+index tables are cached device tensors.
 """
 
 from __future__ import annotations
@@ -296,7 +300,27 @@ def batch_hsic(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return cross, self_all
 
 
+def _fused(plan: Plan):
+    """The backend's fused entries ``(fused_fwd, fused_bwd)`` where they apply to this plan (Gram
+    route, raw layers present), else None: the ops then compose the five basic entries."""
+    be = _BACKENDS[plan.backend]
+    fwd, bwd = getattr(be, "fused_fwd", None), getattr(be, "fused_bwd", None)
+    if fwd is None or bwd is None or plan.route != "gram" or not plan.layers:
+        return None
+    return fwd, bwd
+
+
+def _pre(plan: Plan, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The precomputed statistics (C, h, ok) in the call's dtype (no copy when already in it)."""
+    return plan.pre_C.to(dt), plan.pre_h.to(dt), plan.pre_ok
+
+
 def _forward(plan: Plan) -> tuple:
+    fused = _fused(plan)
+    if fused is not None:
+        dt = call_dtype(plan)
+        cka, table = fused[0](list(plan.layers), _pre(plan, dt), plan.pair_list, plan.estimator, dt)
+        return (cka, *table)
     pi, pj = pair_index(plan.pairs, plan.device)
     hsic, table, h_all, ok_all = _hsic_table(plan)
     return (tb.cka_from_hsic(hsic, h_all, ok_all, pi, pj), *table)
@@ -317,6 +341,12 @@ def _partners(plist, which) -> dict[int, list[int]]:
 
 def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Tensor, t: LayerTable):
     """Gradients of ``plan.layers[a]`` for each ``a`` in ``which`` (in that order)."""
+    fused = _fused(plan)
+    if fused is not None:
+        pre = _pre(plan, t.C.dtype)
+        return fused[1](
+            grad, cka, list(plan.layers), list(which), tuple(t), pre, plan.pair_list, plan.estimator
+        )
     be = _BACKENDS[plan.backend]
     plist = plan.pair_list
     pi, pj = pair_index(plan.pairs, grad.device)
@@ -339,10 +369,19 @@ def _backward_op(plan: Plan, grad: torch.Tensor, which: list[int], cka: torch.Te
 
 
 # --------------------------------------------------------------------------- custom ops
+def _cka_fwd_impl(*args):
+    """Returns (cka (P,), C, s, ok, h, sig, klog): see :class:`LayerTable`."""
+    return _forward(Plan(*args))
+
+
+def _cka_bwd_impl(grad, which, cka, *rest):
+    """Gradients of ``layers[a]`` for each ``a`` in ``which`` (in that order)."""
+    return _backward_op(Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE]))
+
+
 @torch.library.custom_op("fastguide::cka_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _cka_fwd(*args):
-    """Returns (cka (P,), C, s, ok, h, sig): see :class:`LayerTable`."""
-    return _forward(Plan(*args))
+    return _cka_fwd_impl(*args)
 
 
 @_cka_fwd.register_fake
@@ -364,8 +403,7 @@ def _(*args):
 
 @torch.library.custom_op("fastguide::cka_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _cka_bwd(grad, which, cka, *rest):
-    """Gradients of ``layers[a]`` for each ``a`` in ``which`` (in that order)."""
-    return _backward_op(Plan(*rest[_TABLE:]), grad, which, cka, LayerTable(*rest[:_TABLE]))
+    return _cka_bwd_impl(grad, which, cka, *rest)
 
 
 @_cka_bwd.register_fake
@@ -397,3 +435,7 @@ def _backward(ctx, grad_cka, *_unused):
 
 
 torch.library.register_autograd("fastguide::cka_fwd", _backward, setup_context=_setup_context)
+
+#: The real implementations of the custom ops by name (the launch-count harness of
+#: tests/kernels/gpu_compile.py runs them on meta tensors, which otherwise dispatch to the fakes).
+OP_IMPLS = {"cka_fwd": _cka_fwd_impl, "cka_bwd": _cka_bwd_impl}

@@ -9,6 +9,12 @@ A backend is a module with the same five functions; the ops (:mod:`fastguide._op
 * :func:`feature_fwd` / :func:`feature_bwd` -- the feature route (linear kernel, n > d): the same
   HSICs and gradients from ``X^T Y`` products and O(nd) vectors, without any n x n matrix.
 
+A backend may also have the optional fused pair ``fused_fwd(layers, pre, pairs, estimator, dtype)
+-> (cka, table)`` and ``fused_bwd(grad, cka, layers, which, table, pre, pairs, estimator) ->
+grads`` (see :mod:`fastguide._triton_backend`, which has them): the ops then run a Gram-route call
+through them instead of composing the five entries. This backend has none: its composition (a few
+batched GEMMs and elementwise ops) is already what it would do inside them.
+
 Names follow DESIGN.md section 2. Per layer a (an (n, d) matrix of examples): the shift
 (:func:`fastguide._utils.shift_of`) subtracted on load -> ``X^``; Gram ``K = X^ X^T`` (one per layer);
 centring ``H K H`` (biased) or ``U(K)`` (unbiased), never forming H; normalisation by the mean diagonal

@@ -1,19 +1,34 @@
-"""The Triton backend: the functions of :mod:`fastguide._torch_backend` on the fused kernels.
+"""The Triton backend: the backend interface of :mod:`fastguide._torch_backend` on the fused kernels.
 
-Same five entry points (``gram_table``, ``pair_dots``, ``layer_grad``, ``feature_fwd``,
-``feature_bwd``), so the ops pick a backend and never branch on it. It wraps the launchers of
-``fastguide.kernels`` (imported lazily by :func:`load_kernels`: Triton is needed on this path only):
-``gram_fwd`` for the Gram statistics, ``hsic_pairs`` for the pair dots, ``grad_x`` for the per-layer
-gradient. The feature route is plain GEMMs on (n, d) matrices, so it runs the torch
+The five basic entries (``gram_table``, ``pair_dots``, ``layer_grad``, ``feature_fwd``,
+``feature_bwd``) plus the two optional fused ones the ops prefer when a backend has them:
+
+* :func:`fused_fwd` -- the forward of a Gram-route call in a fixed number of launches:
+  ``gram_fwd`` of the raw layers (4 launches, the degeneracy rule included), then ONE
+  ``cka_pairs_fwd`` (pair HSICs and the CKA epilogue, precomputed ``LayerStats`` as its second
+  stack, no concatenation) or, for an all-pairs block (``cka_matrix``), ONE ``cka_matrix_fwd``;
+* :func:`fused_bwd` -- ONE ``cka_pairs_bwd`` launch for every layer that needs a gradient (pair
+  weights, degenerate masks, 1/N and 2/s computed in the kernel).
+
+So ``CKALoss`` forward+backward on W1 is 6 Triton launches and no torch op of its own
+(kernels/README.md). The ops pick a backend module and call whichever entries it has; they never
+branch on its name. ``pair_dots``/``layer_grad`` (``hsic_pairs``/``grad_x``) remain for the calls
+the fused entries do not take: statistics-only plans (``MinibatchCKA``'s ``batch_hsic``). The
+launchers come from ``fastguide.kernels`` (imported lazily by :func:`load_kernels`: Triton is needed
+on this path only). The feature route is plain GEMMs on (n, d) matrices, so it runs the torch
 implementation here too. Linear kernel only (``kernel="rbf"`` is refused when the backend is chosen).
+No host synchronisation anywhere: index and pointer tables are cached device tensors
+(``fastguide.kernels._common.device_table``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _torch_backend as tb
-from ._utils import hsic_norm, pair_index, shift_of
+from ._utils import acc_dtype, pair_index
 
 __all__ = [
     "load_kernels",
@@ -22,12 +37,14 @@ __all__ = [
     "layer_grad",
     "feature_fwd",
     "feature_bwd",
+    "fused_fwd",
+    "fused_bwd",
     "group_gram",
     "group_grad",
 ]
 
 _KERNELS = None
-_LAUNCHERS = ("gram_fwd", "hsic_pairs", "grad_x")
+_LAUNCHERS = ("gram_fwd", "hsic_pairs", "grad_x", "cka_pairs_fwd", "cka_matrix_fwd", "cka_pairs_bwd")
 
 
 def load_kernels():
@@ -52,42 +69,6 @@ def load_kernels():
     return _KERNELS
 
 
-def _kernel_stats(xs: list[torch.Tensor], estimator: str) -> tuple[torch.Tensor, ...]:
-    """The launcher's (C, s, ok, h, sig), plus the torch-side parts of the degeneracy rule the kernel
-    does not apply yet (docs/numerics.md, "Degenerate layers"; to move into kernels/gram.py).
-
-    * the vanishing test ``||centred K||_F <= VANISH_UNITS eps tr(X^ X^T)``, with the trace of the
-      shifted Gram from O(nd) column sums (``||x||^2 - 2 c.(x^T 1) + n ||c||^2``, c the shift);
-    * for fp16/bf16 layers, the trace test with ``degenerate_factor`` (eps^2, where the kernel uses
-      (4 eps)^2): ``tr(HKH)`` from the same column sums, and the C of a layer that the kernel flagged
-      but that passes is rescaled from ``s = 1`` to ``s = tr(HKH) / n``.
-    """
-    C, s, ok, h, sig = load_kernels().gram_fwd(list(xs), estimator)
-    n = xs[0].shape[0]
-    N = hsic_norm(n, estimator)
-    acc = C.dtype
-    sq, ref, t = [], [], []
-    for x in xs:
-        c = shift_of(x).to(acc)
-        sq.append(torch.linalg.vector_norm(x, dtype=acc).square())
-        col = x.sum(dim=0, dtype=acc) - n * c  # sum of the shifted rows
-        ref.append(sq[-1] - 2.0 * (c @ x.sum(dim=0, dtype=acc)) + n * (c @ c))
-        t.append(ref[-1] - col @ col / n)
-    sq, ref, t = torch.stack(sq), torch.stack(ref).clamp_min(0.0), torch.stack(t)
-    norm = s * (h * N).sqrt()  # ||centred K||: the kernel divided by s (1 where it flagged the layer)
-    if any(x.dtype in (torch.float16, torch.bfloat16) for x in xs):
-        thr = torch.tensor([tb.degenerate_factor(x.dtype) for x in xs], dtype=acc, device=C.device) * sq
-        trace_ok = ~(t <= thr)
-        s_new = torch.where(trace_ok & ~ok, t / n, s)
-        f = s / s_new
-        C = C * f[:, None, None]
-        h = h * f * f
-        s = s_new
-        ok = trace_ok & ~(norm <= 0)
-    ok = ok & ~tb.vanishes(norm, ref)
-    return C, torch.where(ok, s, torch.ones_like(s)), ok, h, sig
-
-
 def gram_table(
     xs: list[torch.Tensor], estimator: str, kernel: str = "linear", sigma: float | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -100,14 +81,19 @@ def gram_table(
     groups = [[k for k, x in enumerate(xs) if (x.dtype == torch.float64) == f64] for f64 in (False, True)]
     groups = [g for g in groups if g]
     if len(groups) == 1:
-        out = _kernel_stats(list(xs), estimator)
-    else:
-        parts = [_kernel_stats([xs[k] for k in g], estimator) for g in groups]
-        order = torch.tensor([k for g in groups for k in g], device=xs[0].device).argsort()
-        out = tuple(
-            torch.cat([p[i].to(torch.float64) if p[i].is_floating_point() else p[i] for p in parts])[order]
-            for i in range(5)
-        )
+        return load_kernels().gram_fwd(list(xs), estimator, with_klog=True)
+    parts = [load_kernels().gram_fwd([xs[k] for k in g], estimator) for g in groups]
+    from .kernels._common import device_table
+
+    # Where each layer landed in the concatenation (host-computed; cached device table).
+    where = [0] * len(xs)
+    for pos, k in enumerate(k for g in groups for k in g):
+        where[k] = pos
+    order = device_table(where, torch.int64, xs[0].device)
+    out = tuple(
+        torch.cat([p[i].to(torch.float64) if p[i].is_floating_point() else p[i] for p in parts])[order]
+        for i in range(5)
+    )
     return (*out, torch.zeros_like(out[1]))
 
 
@@ -146,6 +132,101 @@ def layer_grad(
 
 feature_fwd = tb.feature_fwd
 feature_bwd = tb.feature_bwd
+
+
+# --------------------------------------------------------------------------- fused entries
+@functools.lru_cache(maxsize=256)
+def _matrix_block(pairs: tuple[tuple[int, int], ...], L1: int, L2: int):
+    """``(r0, a, c0, b)`` when ``pairs`` is the row-major all-pairs block rows [r0, r0 + a) x columns
+    [c0, c0 + b) of the layer space (raw layers [0, L1), precomputed [L1, L1 + L2)), each range
+    inside one stack and at least 2 x 2 (what ``cka_matrix`` builds); else None (a single row or
+    column is a handful of pairs: the exact elementwise pair kernel, not a padded GEMM)."""
+    if not pairs:
+        return None
+    r0, c0 = pairs[0]
+    b = next((k for k, (i, _) in enumerate(pairs) if i != r0), len(pairs))
+    a = len(pairs) // b
+    if min(a, b) < 2 or a * b != len(pairs):
+        return None
+    if pairs != tuple((r0 + i, c0 + j) for i in range(a) for j in range(b)):
+        return None
+    for lo, hi in ((r0, r0 + a), (c0, c0 + b)):
+        if not (hi <= L1 or lo >= L1) or hi > L1 + L2:
+            return None
+    return r0, a, c0, b
+
+
+def _rows(lo: int, size: int, L1: int, stacks):
+    """(C, h, ok) views of global layers [lo, lo + size) from the (raw, precomputed) stacks."""
+    k, off = (0, lo) if lo < L1 else (1, lo - L1)
+    return tuple(t[off : off + size] for t in stacks[k])
+
+
+def fused_fwd(
+    layers: list[torch.Tensor],
+    pre: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    pairs: list[tuple[int, int]],
+    estimator: str,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Backend entry (optional, fused): CKA of ``pairs`` and the raw layers' table in a fixed number
+    of launches, ``(cka (P,), (C, s, ok, h, sig, klog))``.
+
+    ``gram_fwd`` of the raw layers (4 launches), then ``cka_pairs_fwd`` with the precomputed
+    statistics ``pre = (C, h, ok)`` as its second stack (one launch: HSIC and CKA epilogue), or
+    ``cka_matrix_fwd`` when the pairs are an all-pairs block (``cka_matrix``). ``dtype``: the call's
+    accumulation dtype (the stacks are in it). Linear kernel, Gram route. No host synchronisation.
+    """
+    K = load_kernels()
+    table = tuple(t.to(dtype) if t.is_floating_point() else t for t in gram_table(layers, estimator))
+    C, _, ok, h, _, _ = table
+    L1, L2 = C.shape[0], pre[0].shape[0]
+    stacks = ((C, h, ok), pre)
+    block = _matrix_block(tuple(pairs), L1, L2)
+    if block is not None:
+        r0, a, c0, b = block
+        cka = K.cka_matrix_fwd(*_pair_args(_rows(r0, a, L1, stacks), _rows(c0, b, L1, stacks)), estimator)[0]
+        return cka.reshape(-1), table
+    two = {"C2": pre[0], "h2": pre[1], "ok2": pre[2]} if L2 else {}
+    return K.cka_pairs_fwd(C, h, ok, pairs, estimator, **two)[0], table
+
+
+def _pair_args(A, B):
+    """``cka_matrix_fwd``'s (A, B, h_a, h_b, ok_a, ok_b) from two (C, h, ok) row sets."""
+    return A[0], B[0], A[1], B[1], A[2], B[2]
+
+
+def fused_bwd(
+    grad: torch.Tensor,
+    cka: torch.Tensor,
+    layers: list[torch.Tensor],
+    which: list[int],
+    table: tuple[torch.Tensor, ...],
+    pre: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    pairs: list[tuple[int, int]],
+    estimator: str,
+) -> list[torch.Tensor]:
+    """Backend entry (optional, fused): gradients of ``layers[a]`` for a in ``which`` (in that order)
+    from the forward's CKA and table: ONE ``cka_pairs_bwd`` launch for all of them (pair weights,
+    degenerate masks, 1/N and 2/s inside the kernel).
+
+    Layers of a call whose accumulation dtype is not their own (float32 layers of a call with
+    float64 ones) are launched apart, with the stacks rounded to their dtype (the per-layer
+    contract of ``grad_x``); the usual single-dtype call is one launch.
+    """
+    K = load_kernels()
+    C, s, ok, h = table[:4]
+    groups: dict[torch.dtype, list[int]] = {}
+    for a in which:
+        groups.setdefault(acc_dtype(layers[a].dtype), []).append(a)
+    out: dict[int, torch.Tensor] = {}
+    for acc, idx in groups.items():
+        Ca, sa, ha, pa = (t.to(acc) for t in (C, s, h, pre[0]))
+        two = {"C2": pa, "h2": pre[1].to(acc), "ok2": pre[2]} if pre[0].shape[0] else {}
+        xs = [layers[a] for a in idx]
+        gs = K.cka_pairs_bwd(grad, cka, xs, idx, Ca, sa, ha, ok, pairs, estimator, **two)
+        out.update(zip(idx, gs, strict=True))
+    return [out[a] for a in which]
 
 
 # --------------------------------------------------------------------------- grouped Grams

@@ -7,19 +7,21 @@ through :mod:`fastguide._triton_backend`, which imports this package lazily.
 
 Launchers (host functions) and the public op each one mirrors:
 
-* :func:`fastguide.kernels.gram.gram_fwd` -- normalised centred Grams C, s, ok, h of many layers:
-  the statistics :func:`fastguide.layer_stats` returns, and the Gram stage of every public op
-  (``cka``, ``cka_pairs``, ``cka_matrix``, ``CKALoss``) with ``backend="triton"``;
-* :func:`fastguide.kernels.cka.hsic_pairs` -- Frobenius inner products of the C's for selected
-  pairs: the pair stage of those ops with ``backend="triton"``;
-  :func:`fastguide.kernels.cka.hsic_matrix` -- the same for all pairs of two stacks as one GEMM;
-* :func:`fastguide.kernels.cka.cka_pairs_fwd` / :func:`fastguide.kernels.cka.cka_matrix_fwd` -- the
-  same with the CKA epilogue fused (HSIC and CKA in one launch, exactly 0 for degenerate layers),
-  computed from *precomputed Gram statistics* (C stacks, self-HSICs, flags), not from activations;
-* :func:`fastguide.kernels.backward.grad_x` -- ``scale (sum_k w_k C_k) X^`` for one layer;
-  :func:`fastguide.kernels.backward.cka_pairs_bwd` -- the gradients of every target layer of a set of
+* :func:`fastguide.kernels.gram.gram_fwd` -- normalised centred Grams C, s, ok, h of many layers,
+  the degeneracy rule included: the statistics :func:`fastguide.layer_stats` returns, and the Gram
+  stage of every public op (``cka``, ``cka_pairs``, ``cka_matrix``, ``CKALoss``) with
+  ``backend="triton"``;
+* :func:`fastguide.kernels.cka.cka_pairs_fwd` / :func:`fastguide.kernels.cka.cka_matrix_fwd` -- pair
+  HSICs with the CKA epilogue fused (one launch, exactly 0 for degenerate layers) from Gram
+  statistics (C stacks, self-HSICs, flags; a second stack for precomputed guide statistics): the
+  pair stage of those ops (``cka_matrix``'s all-pairs blocks through the matrix kernel);
+* :func:`fastguide.kernels.backward.cka_pairs_bwd` -- the gradients of every target layer of a set of
   pairs in one grouped launch, the pair weights (from the CKA values and the upstream gradient)
-  computed inside the kernel;
+  computed inside the kernel: the backward of those ops;
+* :func:`fastguide.kernels.cka.hsic_pairs` / :func:`fastguide.kernels.cka.hsic_matrix` -- the raw
+  Frobenius inner products (no epilogue; ``hsic_pairs`` serves statistics-only calls such as
+  ``MinibatchCKA``), :func:`fastguide.kernels.backward.grad_x` -- ``scale (sum_k w_k C_k) X^`` for
+  one layer with explicit weights;
 * :mod:`fastguide.kernels.group` -- Grams and gradients of the groups of a (G, n, d) view (the
   ``tokens="positions"``/``"structure"`` modes).
 

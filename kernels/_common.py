@@ -32,6 +32,20 @@ _TL_DTYPES = {
 }
 
 
+# The degeneracy rule of DESIGN.md section 3 / docs/numerics.md, the same numbers as the torch
+# backend (fastguide._torch_backend.degenerate_factor and VANISH_UNITS; tests/kernels/test_gram.py
+# checks they agree): a centred Gram at most VANISH_UNITS rounding units of the Gram it came from
+# vanishes.
+VANISH_UNITS = 64.0
+
+
+def degenerate_factor(dtype: torch.dtype) -> float:
+    """``(k eps)^2`` of an input dtype, the trace test's threshold per unit of ``||x||_F^2``: k = 4
+    for float32/float64, k = 1 for float16/bfloat16 (values rounded once from fp32 accumulation)."""
+    k = 1.0 if dtype in (torch.float16, torch.bfloat16) else 4.0
+    return (k * torch.finfo(dtype).eps) ** 2
+
+
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
@@ -52,6 +66,17 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands upcast from inputs of ``dtype`` (the backward's and the
+    grouped kernels' dots): fp32 inputs follow the matmul precision (:func:`input_precision`);
+    16-bit inputs always use TF32 (tensor cores: their results are rounded to 8 or 11 bits anyway,
+    and fp16 operands would flush the ~1e-5 magnitudes of G = W C / N to subnormals); fp64 stays
+    IEEE. The interpreter's dot is exact whatever the flag."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    return input_precision(dtype)
 
 
 def check_float(x, name: str) -> torch.Tensor:
@@ -84,6 +109,7 @@ def on_input_device(fn):
 
 _TABLES: OrderedDict = OrderedDict()
 _TABLES_MAX = 512
+_CAPTURED: dict = {}  # tables used while a CUDA graph was captured: kept for the process's life
 
 
 def device_table(values, dtype: torch.dtype, device: torch.device, key=None) -> torch.Tensor:
@@ -94,24 +120,33 @@ def device_table(values, dtype: torch.dtype, device: torch.device, key=None) -> 
 
     Host-built tables (program tables, pointer tables) are reused while their content repeats, as
     it does in a training loop (the caching allocator hands back the same addresses). A miss copies
-    from pinned memory with ``non_blocking=True``, which does not synchronise the stream.
+    from pinned memory with ``non_blocking=True``, which does not synchronise the stream. The cache
+    is an LRU of ``_TABLES_MAX`` entries, except that tables used during a CUDA-graph capture are
+    kept for good (kernels/README.md, "CUDA graphs").
     """
     if key is None:
         values = tuple(values)
         key = values
     key = (key, dtype, str(device))
-    hit = _TABLES.get(key)
+    # A table a CUDA graph is being captured with is referenced by that graph's replays: it must
+    # never be evicted (nor its pinned source, which a captured miss copies from on every replay).
+    captured = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    hit = _TABLES.get(key) or _CAPTURED.get(key)
     if hit is not None:
-        _TABLES.move_to_end(key)
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+        if captured:
+            _CAPTURED[key] = hit
         return hit[0]
     host = torch.tensor(list(values() if callable(values) else values), dtype=dtype)
     if device.type == "cuda":
-        # The pinned source stays cached too: a copy captured in a CUDA graph re-reads it on replay.
         host = host.pin_memory()
         t = host.to(device, non_blocking=True)
     else:
         t = host.to(device)
     _TABLES[key] = (t, host)
+    if captured:
+        _CAPTURED[key] = (t, host)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return t
@@ -155,6 +190,7 @@ def needs_int64(rows: int, stride_rows: int, cols: int, stride_cols: int) -> boo
 
 
 _COUNTERS: dict = {}
+_RETIRED: list = []
 
 
 def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
@@ -169,6 +205,8 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < size:
+        if buf is not None:
+            _RETIRED.append(buf)  # a captured CUDA graph may still count in it: never freed
         buf = torch.zeros(
             max(size, 1024 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device
         )

@@ -31,7 +31,7 @@ from ._common import (
     aligned_2d,
     check_float,
     device_table,
-    input_precision,
+    dot_precision,
     layout_2d,
     needs_int64,
     on_input_device,
@@ -42,14 +42,14 @@ from ._configs import GRAD_SLOTS, grad_blocks, grad_configs, prune_grad
 from .cka import _check_pair, _check_self, _check_stack, _norm, _resolve, _self_hsic, check_pairs, pair_index
 
 _ALPHA, _BETA = 0, 1  # contribution kinds: partner term alpha_p C_b, self term -g_p CKA_p / h_a C_a
-_LAYER_COLS = 8  # x pointer, stride_xm, stride_xk, d, dx offset, first slot, slots, global layer
+_LAYER_COLS = 8  # x pointer, stride_xm, stride_xk, d, dx pointer, first slot, slots, global layer
 _SLOT_COLS = 5  # C pointer or layer index, first contribution or weight index, contributions, strides
 
 
 @triton.jit
 def _slot(
     k, end, a, row_c, n, offs_r, offs_jj,
-    slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20,
+    slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20, stride_g,
     g_ptr, cka_ptr, pi_ptr, pj_ptr, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2,
     PAIRS: tl.constexpr, TWO_STACKS: tl.constexpr, C_FLAT: tl.constexpr, C_ALIGNED: tl.constexpr,
     ACC: tl.constexpr,
@@ -79,7 +79,7 @@ def _slot(
             gj = tl.load(pj_ptr + p).to(tl.int64)
             h_i, ok_i = _self_hsic(gi, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
             h_j, ok_j = _self_hsic(gj, L1, L2, h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, TWO_STACKS)
-            g = tl.load(g_ptr + p).to(ACC)
+            g = tl.load(g_ptr + p * stride_g).to(ACC)
             r_i = tl.sqrt(tl.where(ok_i, h_i.to(ACC), 1.0))
             alpha = g / (r_i * tl.sqrt(tl.where(ok_j, h_j.to(ACC), 1.0)))
             beta = g * tl.load(cka_ptr + p).to(ACC) / h_a
@@ -148,6 +148,7 @@ def _cka_pairs_bwd_kernel(
     s_ptr,
     stride_c10,
     stride_c20,
+    stride_g,
     n,
     n_shift,
     L1,
@@ -175,14 +176,17 @@ def _cka_pairs_bwd_kernel(
     """``dX_a[I, F] = scale_a * sum_j (sum_k w_k C_k[I, j]) X^_a[j, F]`` for the layers of a group.
 
     Pointers:
-      dx_ptr: flat output buffer in x's dtype; layer a's (n, d_a) row-major gradient starts at its
-        dx offset. x_ref_ptr: the group's first layer (the element-type witness of the x's).
+      dx_ptr: the group's first output (the element-type witness); layer a's (n, d_a) row-major
+        gradient is its own tensor, at the dx pointer of its layer row (separate tensors: the
+        custom op returning them must not return aliases).
+      x_ref_ptr: the group's first layer (the element-type witness of the x's).
       c1_ptr (L1, n, n), c2_ptr (L2, n, n): with PAIRS, the stacks of the layer space (flat; B may be
         absent: TWO_STACKS False); otherwise c1_ptr is only the element-type witness of the C's.
       lay_ptr: (layers, 8) int64 (``_LAYER_COLS``); prog_ptr: (P, 3) int32 (layer, row block,
         feature block); slot_ptr: (slots, 5) int64 (``_SLOT_COLS``); con_ptr: (contributions, 2) int32
         (pair, kind) with PAIRS.
-      PAIRS: g_ptr (P,) upstream gradient of each pair's CKA, cka_ptr (P,) the forward's CKA,
+      PAIRS: g_ptr (P,) upstream gradient of each pair's CKA (element stride stride_g: the
+        gradient of a sum arrives expanded, stride 0, and is not copied), cka_ptr (P,) the forward's CKA,
         pi_ptr/pj_ptr (P,) pair indices, h*/ok* the self-HSICs and flags of the two stacks, s_ptr
         (L1,) the forward's s; scale_a = 2 / s_a, weights times inv_norm = 1 / N.
       Otherwise: w_ptr (k,) weights, scale_ptr 0-d scale (the caller's G and scale).
@@ -199,7 +203,7 @@ def _cka_pairs_bwd_kernel(
     stride_xm = tl.load(lay + 1)
     stride_xk = tl.load(lay + 2)
     d = tl.load(lay + 3)
-    dx_off = tl.load(lay + 4)
+    dx_base = tl.load(lay + 4).to(tl.pointer_type(dx_ptr.dtype.element_ty))
     slot0 = tl.load(lay + 5)
     nslots = tl.load(lay + 6)
     a = tl.load(lay + 7)
@@ -208,7 +212,7 @@ def _cka_pairs_bwd_kernel(
     if ALIGNED:
         # Host-checked (aligned_2d): 16-byte aligned x, rows (or columns) of VEC elements.
         x_ptr = tl.multiple_of(x_ptr, 16)
-        dx_off = tl.multiple_of(dx_off, VEC)
+        dx_base = tl.multiple_of(dx_base, 16)
         if LAYOUT == 0:
             stride_xm = tl.multiple_of(stride_xm, VEC)
             d = tl.multiple_of(d, VEC)
@@ -247,23 +251,23 @@ def _cka_pairs_bwd_kernel(
         end = slot0 + nslots
         # fmt: off
         w0, p0, off_c0, sk0, h0 = _slot(
-            k0, end, a, row_c, n_vec, offs_r, offs_jj,
-            slot_ptr, con_ptr, w_ptr, c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+            k0, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
+            c1_ptr, c2_ptr, stride_c10, stride_c20, stride_g, g_ptr, cka_ptr, pi_ptr, pj_ptr,
             h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 1:
             w1, p1, off_c1, sk1, h1 = _slot(
                 k0 + 1, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
-                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, stride_g, g_ptr, cka_ptr, pi_ptr, pj_ptr,
                 h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 2:
             w2, p2, off_c2, sk2, h2 = _slot(
                 k0 + 2, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
-                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, stride_g, g_ptr, cka_ptr, pi_ptr, pj_ptr,
                 h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         if NUM_C > 3:
             w3, p3, off_c3, sk3, h3 = _slot(
                 k0 + 3, end, a, row_c, n_vec, offs_r, offs_jj, slot_ptr, con_ptr, w_ptr,
-                c1_ptr, c2_ptr, stride_c10, stride_c20, g_ptr, cka_ptr, pi_ptr, pj_ptr,
+                c1_ptr, c2_ptr, stride_c10, stride_c20, stride_g, g_ptr, cka_ptr, pi_ptr, pj_ptr,
                 h1_ptr, h2_ptr, ok1_ptr, ok2_ptr, L1, L2, PAIRS, TWO_STACKS, C_FLAT, C_ALIGNED, ACC)
         # fmt: on
         for j in range(0, n, BLOCK_J):
@@ -288,23 +292,14 @@ def _cka_pairs_bwd_kernel(
         scale = tl.load(scale_ptr).to(ACC)
     # A layer without pairs gets an exact 0 (also when its s is NaN).
     out = tl.where(nslots > 0, acc * scale, 0.0)
-    dx_tile = dx_ptr + dx_off + (mb * BLOCK_M).to(tl.int64) * d + nb * BLOCK_N
+    dx_tile = dx_base + (mb * BLOCK_M).to(tl.int64) * d + nb * BLOCK_N
     off_o = offs_r.to(IDX)[:, None] * _cast(d, IDX) + offs_f.to(IDX)[None, :]  # (BLOCK_M, BLOCK_N)
     tl.store(dx_tile + off_o, out.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow the matmul precision; 16-bit inputs always use TF32 for the fp32 G and X^
-    (their gradient is rounded to 8 or 11 bits anyway, and fp16 operands would flush the ~1e-5
-    magnitudes of G = W C / N to subnormals); fp64 stays IEEE."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
-    return input_precision(dtype)
-
-
 def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_args, two, pairs, inv_norm):
     """Launch the backward kernel once per (dtype, layout, alignment, offset width) group of the
-    target layers ``xs``; returns their gradients (views of one flat buffer per group).
+    target layers ``xs``; returns their gradients (one new (n, d) tensor each).
 
     metas: per layer (first slot, number of slots, global layer index).
     """
@@ -314,25 +309,23 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
     max_bj = max(c.kwargs["BLOCK_J"] for c in grad_configs())
     slot_t = device_table(slot_rows, torch.int64, device) if slot_rows else None
     con_t = device_table(con_rows, torch.int32, device) if con_rows else None
+    # One tensor per layer (the custom op returning them must not return views of one buffer).
+    outs = [torch.empty((n, x.shape[1]), dtype=x.dtype, device=device) for x in xs]
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
         # Largest tiles any config uses (128 x 128, max BLOCK_J rows): int32 offsets if they fit.
         idx64 = needs_int64(max(max_bj, SHIFT_ROWS), x.stride(0), 128, x.stride(1)) or needs_int64(
             128, x.shape[1], 128, 1
         )
-        groups.setdefault((x.dtype, layout_2d(x), aligned_2d(x), idx64), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(xs)
+        aligned = aligned_2d(x) and outs[i].data_ptr() % 16 == 0
+        groups.setdefault((x.dtype, layout_2d(x), aligned, idx64), []).append(i)
     for (dtype, layout, aligned, idx64), idx in groups.items():
         vector = aligned and layout == 0 and n % 16 == 0
-        BM, BN = grad_blocks(n, _dot_precision(dtype) == "ieee", vector)
-        buf = torch.empty((sum(xs[i].numel() for i in idx),), dtype=dtype, device=device)
-        lay_rows, off = [], 0
+        BM, BN = grad_blocks(n, dot_precision(dtype) == "ieee", vector)
+        lay_rows = []
         for i in idx:
             x = xs[i]
-            d = x.shape[1]
-            lay_rows += [x.data_ptr(), x.stride(0), x.stride(1), d, off, *metas[i]]
-            out[i] = buf[off : off + n * d].view(n, d)
-            off += n * d
+            lay_rows += [x.data_ptr(), x.stride(0), x.stride(1), x.shape[1], outs[i].data_ptr(), *metas[i]]
         shapes = tuple(xs[i].shape[1] for i in idx)
         prog_t = device_table(
             lambda shapes=shapes, BM=BM, BN=BN: [
@@ -350,7 +343,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
         lay_t = device_table(lay_rows, torch.int64, device)
         x0 = xs[idx[0]]
         _cka_pairs_bwd_kernel[(num_programs,)](
-            buf,
+            outs[idx[0]],
             x0,
             c1,
             c2,
@@ -361,6 +354,7 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             *mode_args,
             c1.stride(0) if pairs else 0,
             c2.stride(0) if pairs else 0,
+            mode_args[2].stride(0) if pairs else 0,  # g_ptr's element stride
             n,
             min(n, SHIFT_ROWS),
             c1.shape[0] if pairs else 1,
@@ -382,9 +376,9 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
             C_ALIGNED=c_aligned,
             IDX=tl.int64 if idx64 else tl.int32,
             ACC=tl_dtype(acc),
-            INPUT_PRECISION=_dot_precision(dtype),
+            INPUT_PRECISION=dot_precision(dtype),
         )
-    return out
+    return outs
 
 
 def _flat(c: torch.Tensor) -> bool:
@@ -480,7 +474,7 @@ def cka_pairs_bwd(
       C, s, h, ok: the first stack (L1, n, n) and its s, h, ok from ``gram_fwd``; C2, h2, ok2: the
         optional second stack (e.g. the guide's), as in ``cka_pairs_fwd``.
       pairs: the forward's host-side (i, j) pair list; estimator: its estimator.
-    Returns one (n, d_t) gradient per target, in its dtype (views of one buffer per group). A pair
+    Returns one (n, d_t) gradient per target, in its dtype (a new contiguous tensor each). A pair
     with a degenerate layer contributes exactly 0; a target without pairs gets an exact 0. The
     weights alpha/beta, 1/N and 2/s are computed in the kernel: no torch op, no host sync.
     """

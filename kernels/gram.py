@@ -6,12 +6,14 @@ Per layer ``x`` of shape (n, d) (DESIGN.md section 2, same algorithm as the torc
 * ``X^ = x - shift`` with ``shift`` the mean of the first ``min(n, 32)`` rows (subtracted on load);
 * ``K = X^ X^T`` (upper-triangle tiles only; fp32 accumulate, fp64 for fp64 inputs);
 * row sums ``r = K 1``, diagonal ``a = diag K``, ``tr = 1'a``, ``tot = 1'r``;
-* ``t = tr(HKH) = tr - tot / n``; ``thr = (4 eps)^2 ||x||_F^2`` (raw input, summed while loading);
+* ``t = tr(HKH) = tr - tot / n``; ``thr = (k eps)^2 ||x||_F^2`` (raw input, summed while loading;
+  k = 4, or 1 for fp16/bf16: :func:`~fastguide.kernels._common.degenerate_factor`);
   ``ok = ~(t <= thr)``; ``s = where(ok, t / n, 1)``;
 * biased ``C = (K - m 1' - 1 m' + g) / s`` with ``m = r / n``, ``g = tot / n^2`` (= H K H / s);
   unbiased ``C = U(K) / s``: with ``r~ = r - a``, ``tot~ = tot - tr``,
   ``U_ij = K_ij - (r~_i + r~_j) / (n - 2) + tot~ / ((n - 1)(n - 2))`` off the diagonal, 0 on it;
-* ``h = <C, C>_F / N`` (N = n(n-3) unbiased, (n-1)^2 biased); ``ok &= ~(h <= 0)``.
+* ``h = <C, C>_F / N`` (N = n(n-3) unbiased, (n-1)^2 biased); ``ok &= ~(h <= 0)`` and ``ok &= ~(s sqrt(h N)
+  <= 64 eps tr)`` (the centred Gram vanishes at the rounding level of K); ``s = 1`` where not ok.
 
 Three passes, each one launch for all layers (the first one launch per dtype/layout/alignment
 group), plus a one-program-per-layer finish (h, final ok, sig):
@@ -38,11 +40,13 @@ import triton.language as tl
 
 from ._common import (
     SHIFT_ROWS,
+    VANISH_UNITS,
     _cast,
     _column_shift,
     acc_dtype,
     aligned_2d,
     check_float,
+    degenerate_factor,
     device_table,
     input_precision,
     layout_2d,
@@ -113,7 +117,7 @@ def _gram_fwd_kernel(
         K_s[i, j]; tile (ti, tj) writes its row sums at c = tj and, off the diagonal, its column
         sums at c = ti (symmetry), so every entry is written exactly once.
       dp_ptr: (slots, n) diagonal partials (diagonal tiles).
-      thr_ptr: (slots, num_tiles) threshold partials ``(4 eps)^2 sum x^2`` of the raw input over the
+      thr_ptr: (slots, num_tiles) threshold partials ``thr_coef sum x^2`` of the raw input over the
         rows of tile ti and the split's features (diagonal tiles).
       x_ref_ptr: the group's first layer: only its element type is used (the pointer witness).
       xp_ptr: (G,) int64 data pointers of the group's layers, each an (n, d_g) matrix.
@@ -369,22 +373,32 @@ def _gram_center_kernel(
     tl.store(hp_ptr + layer * num_upper + pid_t, weight * tl.sum(tl.sum(cu * cu, axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["n", "num_upper"])
+@triton.jit(do_not_specialize=["n", "num_upper", "num_rblocks", "vanish_coef"])
 def _gram_finish_kernel(
     h_ptr,
     ok_ptr,
     sig_ptr,
+    klog_ptr,
+    s_ptr,
     hp_ptr,
     ok8_ptr,
+    tp_ptr,
     n,
     num_upper,
+    num_rblocks,
+    vanish_coef,
     BLOCK_U: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     UNBIASED: tl.constexpr,
 ):
-    """Self-HSIC and final flags: ``h = sum(hp) / N``, ``ok = ok8 & ~(h <= 0)``, ``sig = 1``.
+    """Self-HSIC and final flags: ``h = sum(hp) / N``; ``ok = ok8 & ~(h <= 0) & ~vanishes`` with
+    ``vanishes = s sqrt(h N) <= vanish_coef tr(K)`` (the centred Gram is zero up to the rounding of
+    the Gram it was centred from: DESIGN.md section 3, docs/numerics.md "Degenerate layers");
+    ``s = 1`` where not ok; ``sig = 1``; ``klog = 0`` (the op table's RBF-scale column).
 
-    Pointers: h_ptr (L,) ACC; ok_ptr (L,) bool; sig_ptr (L,) ACC; hp_ptr (L, num_upper) partials
-    of <C, C> from the centring pass; ok8_ptr (L,) int8 trace test.
+    Pointers: h_ptr (L,) ACC; ok_ptr (L,) bool; sig_ptr, klog_ptr (L,) ACC; s_ptr (L,) ACC, read and
+    rewritten; hp_ptr (L, num_upper) partials of <C, C> from the centring pass; ok8_ptr (L,) int8
+    trace test; tp_ptr (L, num_rblocks, 2) tot/tr partials of the row-sum pass.
     Grid: (L,). (One launch instead of a handful of tiny torch ops: the W1 loss is launch-bound.)
     """
     layer = tl.program_id(0).to(tl.int64)
@@ -393,16 +407,27 @@ def _gram_finish_kernel(
     acc = tl.zeros((BLOCK_U,), dtype=ACC)
     for u0 in range(0, num_upper, BLOCK_U):
         acc += tl.load(hp_ptr + layer * num_upper + u0 + offs, mask=(u0 + offs) < num_upper, other=0.0)
+    offs_t = tl.arange(0, BLOCK_T)
+    acc_tr = tl.zeros((BLOCK_T,), dtype=ACC)
+    for t0 in range(0, num_rblocks, BLOCK_T):
+        m = (t0 + offs_t) < num_rblocks
+        acc_tr += tl.load(tp_ptr + (layer * num_rblocks + t0 + offs_t) * 2 + 1, mask=m, other=0.0)
+    tr = tl.sum(acc_tr, axis=0)
     nf = n.to(ACC)
     if UNBIASED:
         N = nf * (nf - 3.0)
     else:
         N = (nf - 1.0) * (nf - 1.0)
     h = tl.sum(acc, axis=0) / N
-    ok = (tl.load(ok8_ptr + layer) != 0) & (tl.where(h <= 0.0, 0, 1) != 0)
+    s = tl.load(s_ptr + layer)
+    # NaN-propagating comparisons: a NaN h or trace keeps ok, so the NaN reaches the outputs.
+    gone = s * tl.sqrt(tl.where(h < 0.0, 0.0, h * N)) <= vanish_coef * tr
+    ok = (tl.load(ok8_ptr + layer) != 0) & (tl.where(h <= 0.0, 0, 1) != 0) & (tl.where(gone, 0, 1) != 0)
     tl.store(h_ptr + layer, h)
     tl.store(ok_ptr + layer, ok)
+    tl.store(s_ptr + layer, tl.where(ok, s, 1.0))
     tl.store(sig_ptr + layer, nf * 0.0 + 1.0)  # exactly 1 in ACC (n is finite)
+    tl.store(klog_ptr + layer, nf * 0.0)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -457,7 +482,8 @@ def gram_fwd(
     *,
     block_m: int | None = None,
     split: int | list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_klog: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Normalised centred Grams of L layers (linear kernel); the Triton twin of the torch
     backend's ``gram_fwd``.
 
@@ -467,6 +493,8 @@ def gram_fwd(
       estimator: ``"unbiased"`` (U-centring) or ``"biased"`` (H K H).
       block_m, split: tuning overrides (tile size; feature-axis splits per layer) for tests and
         benchmarks; ``None`` picks them from ``kernels/_configs.py``.
+      with_klog: also return ``klog`` (L,) zeros, the op table's RBF-scale column, written by the
+        last launch (one torch fill fewer per call on the op path).
 
     Returns (C, s, ok, h, sig): C (L, n, n) in the accumulation dtype (fp64 for fp64 inputs, else
     fp32), s (L,), ok (L,) bool, h (L,), sig (L,) ones. Launches: one per (dtype, layout,
@@ -543,7 +571,6 @@ def gram_fwd(
         strides = device_table(
             [v for g in idx for v in (xs[g].stride(0), xs[g].stride(1))], torch.int64, device
         )
-        eps = torch.finfo(dtype).eps
         dot_low = _dot_dtype(dtype)
         _gram_fwd_kernel[(num_programs,)](
             K,
@@ -558,7 +585,7 @@ def gram_fwd(
             n,
             min(n, SHIFT_ROWS),
             T,
-            (4.0 * eps) ** 2,
+            degenerate_factor(dtype),
             pow2_bucket(n),
             pow2_bucket(max(chunks[g] for g in idx)),
             BLOCK_M=BM,
@@ -621,18 +648,25 @@ def gram_fwd(
     h = torch.empty((L,), dtype=acc, device=device)
     ok = torch.empty((L,), dtype=torch.bool, device=device)
     sig = torch.empty((L,), dtype=acc, device=device)
+    klog = torch.empty((L,), dtype=acc, device=device)
     _gram_finish_kernel[(L,)](
         h,
         ok,
         sig,
+        klog,
+        s,
         hp,
         ok8,
+        tp,
         n,
         U,
+        R,
+        VANISH_UNITS * torch.finfo(acc).eps,
         BLOCK_U=min(1024, triton.next_power_of_2(U)),
+        BLOCK_T=BT,
         UNBIASED=estimator == "unbiased",
     )
-    return K, s, ok, h, sig
+    return (K, s, ok, h, sig, klog) if with_klog else (K, s, ok, h, sig)
 
 
 __all__ = ["gram_fwd"]

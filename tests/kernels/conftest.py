@@ -1,21 +1,13 @@
-"""Fixtures and oracles of the kernel tests (tests/conftest.py sets TRITON_INTERPRET on CPU).
-
-Oracles and tolerances live in kernel_oracle.py (imported by the test modules).
-"""
+"""Fixtures of the kernel tests. The environment (Triton interpreter on machines without CUDA,
+autotune skip), the ``gpu``/``slow`` markers and seeding are the shared pytest plugin in the
+repository's root conftest.py; oracles live in kernel_oracle.py, tolerances in
+``fastguide._reference.TOLERANCES`` (``tests/helpers.py::assert_close``)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Same rule as tests/conftest.py (kept here so this folder also runs on its own).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("FASTGUIDE_SKIP_AUTOTUNE", "1")
-
-from kernel_oracle import device  # noqa: E402
+from kernel_oracle import device
 
 
 @pytest.fixture

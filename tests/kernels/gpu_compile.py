@@ -349,6 +349,29 @@ MODES = [
 W1_GUIDE = [200704, 200704, 200704, 100352, 100352, 50176, 50176, 25088, 25088]
 
 
+def _group_view(case: str, dt):
+    """The (G, n, d) view ``fastguide._structure`` hands the grouped kernels, as a meta tensor."""
+    import torch
+
+    kind, shape = GROUP_CASES[case]
+    x = torch.empty(shape, dtype=dt, device="meta")
+    if len(shape) == 4:  # (B, C, H, W) -> (B, C, HW)
+        x = x.flatten(2)
+        return x.permute(2, 0, 1) if kind == "positions" else x.transpose(1, 2)
+    return x.transpose(0, 1) if kind == "positions" else x  # (B, T, D)
+
+
+# Grouped-mode activations: positions = G positions of n = B examples; structure = G = B samples
+# of n tokens (T, or H*W). Odd n (196), n at one tile (16) and unit strides on either axis.
+GROUP_CASES = {
+    "positions seq": ("positions", (64, 128, 768)),
+    "structure seq": ("structure", (32, 196, 384)),
+    "positions conv": ("positions", (64, 256, 14, 14)),
+    "structure conv": ("structure", (32, 256, 14, 14)),
+    "positions small": ("positions", (16, 8, 100)),
+}
+
+
 @dataclass
 class Sweep:
     """What one tier drives, per mode: the Cartesian product of these, plus the grouped cases."""
@@ -366,6 +389,7 @@ class Sweep:
     odd_layouts: list = field(default_factory=list)
     groups: tuple = ("W1 target+guide", "W3", "mixed")  # gram_fwd layer lists
     bwd_cases: tuple = ("W1", "W3", "all pairs 12x12", "self and within")  # cka_pairs_bwd cases
+    group_cases: tuple = tuple(GROUP_CASES)  # kernels/group.py views (tokens="positions"/"structure")
 
 
 TIERS = {
@@ -387,6 +411,7 @@ TIERS = {
         odd_layouts=["transposed", "offset", "strided"],
         groups=("W1 target+guide",),
         bwd_cases=("W1",),
+        group_cases=("positions seq", "structure conv", "positions small"),
     ),
     # The sweep the before/after table of kernels/README.md was measured with (the first version
     # of this gate's default tier).
@@ -473,6 +498,7 @@ def drive(gate: Gate, tier: str, errors: list) -> None:
                 _drive_gram(gate, K, dt, es, est, ns, sw.widths, lay, sw.groups, errors)
             _drive_pairs(gate, K, dt, acc, ns, sw.stacks, errors)
             _drive_backward(gate, K, dt, es, acc, ns, sw.grad_widths, layouts, sw.ks, sw.bwd_cases, errors)
+            _drive_group(gate, dt, acc, sw.group_cases, errors)
     finally:
         torch.set_float32_matmul_precision(old_prec)
 
@@ -562,10 +588,25 @@ def _drive_backward(gate, K, dt, es, acc, ns, widths, layouts, ks, bwd_cases, er
                       list(range(len(dt_))), C, vec, vec, ok, pairs, "unbiased")  # fmt: skip
 
 
+def _drive_group(gate, dt, acc, cases, errors):
+    import torch
+    from fastguide.kernels import group
+
+    for case in cases:
+        x = _group_view(case, dt)
+        G, n, d = x.shape
+        shift = torch.empty((G, d), dtype=acc, device="meta")
+        K = torch.empty((G, n, n), dtype=acc, device="meta")
+        scale = torch.empty((G,), dtype=acc, device="meta")
+        _call(gate, errors, f"group_gram_fwd {case}", group.group_gram_fwd, x, shift, K)
+        _call(gate, errors, f"group_grad_bwd {case}", group.group_grad_bwd, K, x, shift, scale)
+
+
 # --------------------------------------------------------------------------- W1 launch count
 # aten ops that never launch a device kernel (allocation, views, metadata).
 _FREE_OPS = {
-    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "_reshape_alias", "as_strided",
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+    "_reshape_alias", "as_strided",
     "t", "transpose", "permute", "expand", "expand_as", "slice", "select", "squeeze", "unsqueeze",
     "detach", "detach_", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "unbind", "split",
     "chunk", "narrow", "diagonal", "numpy_T", "set_", "result_type", "_has_compatible_shallow_copy_type",
@@ -693,6 +734,190 @@ def w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "hi
     }
 
 
+@contextlib.contextmanager
+def meta_as_cuda():
+    """Let the op layer take meta tensors for CUDA ones (``backend="triton"`` accepts their device), so
+    the public API runs over the stand-in driver exactly as on a GPU, with nothing allocated."""
+    import torch
+
+    import fastguide._ops as ops
+
+    old = ops.triton_usable
+    ops.triton_usable = lambda device: device.type in ("cuda", "meta") or old(device)
+    # Meta tensors dispatch to the ops' fake implementations; run the real ones instead (this
+    # process only: the gate runs in its own subprocess).
+    lib = torch.library.Library("fastguide", "IMPL")
+    for name, fn in ops.OP_IMPLS.items():
+        lib.impl(name, fn, "Meta", allow_override=True)
+    try:
+        yield
+    finally:
+        ops.triton_usable = old
+
+
+def public_w1_loss(estimator: str = "unbiased", weights=None):
+    """The W1 loss through the PUBLIC API: ``fastguide.CKALoss`` (backend "triton", route "gram") of
+    the 8 target layers against the ResNet-18 block outputs, 8 one-to-one pairs."""
+    import fastguide
+
+    return fastguide.CKALoss(
+        pairs=[(i, i) for i in range(8)], weights=weights, estimator=estimator, backend="triton", route="gram"
+    )
+
+
+def public_w1_step(estimator: str = "unbiased", weights=None):
+    """:func:`public_w1_loss`, forward + backward."""
+    loss_fn = public_w1_loss(estimator, weights)
+
+    def step(targets, guides):
+        loss = loss_fn(targets, guides)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def count_step(arch: int, step, make_inputs, dtype: str = "float32", precision: str = "high") -> dict:
+    """Device kernels of ``step(*make_inputs(dtype))`` on the second call (tables cached, autotuning
+    done): Triton launches (stand-in hook, launches skipped) + top-level aten compute ops (torch
+    profiler), and the host syncs seen."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dt = getattr(torch, dtype)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    gate = Gate(arch, compile_kernels=False)
+    try:
+        with gate.active(), meta_as_cuda():
+            args = make_inputs(dt)
+            step(*args)
+            gate.launches.clear()
+            for t in args[0]:  # as optimizer.zero_grad(set_to_none=True) leaves them
+                t.grad = None
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(*args)
+            launches = list(gate.launches)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    compute, syncs = _aten_compute_ops(prof)
+    return {
+        "triton_launches": len(launches),
+        "triton_kernels": dict(Counter(launches)),
+        "aten_compute_ops": len(compute),
+        "aten_ops": dict(Counter(compute)),
+        "device_kernels": len(launches) + len(compute),
+        "host_syncs": syncs,
+    }
+
+
+def w1_inputs(dt, n: int = 256):
+    """Meta tensors of W1: 8 target layers (n, 4096) requiring grad, 9 ResNet-18 block outputs."""
+    import torch
+
+    targets = [torch.empty((n, 4096), dtype=dt, device="meta", requires_grad=True) for _ in range(8)]
+    guides = [torch.empty((n, *s), dtype=dt, device="meta") for s in W1_GUIDE_SHAPES]
+    return targets, guides
+
+
+def guidance_w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
+    """W1 through ``fastguide.Guidance`` (backend "triton"): the device kernels a guided step adds to
+    the same step without guidance. The target is 8 bias-free Linear(4096, 4096) layers, the guide
+    9 modules that emit the ResNet-18 block-output shapes for free (``new_empty``), mapped
+    one-to-one on the first 8; both steps run ``target(x)`` and ``backward()`` of a scalar loss."""
+    import torch
+    from torch import nn
+
+    import fastguide
+
+    class Emit(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape = shape
+            self.register_buffer("anchor", torch.empty((), device="meta"))  # puts the guide on meta
+
+        def forward(self, x):
+            return x.new_empty((x.shape[0], *self.shape))
+
+    class Guide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Emit(s) for s in W1_GUIDE_SHAPES)
+
+        def forward(self, x):
+            return [b(x) for b in self.blocks]
+
+    dt = getattr(torch, dtype)
+    target = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(8)]).to(device="meta", dtype=dt)
+    guide = Guide()
+    layers = {str(i): f"blocks.{i}" for i in range(8)}
+    guidance = fastguide.Guidance(target, guide, layers=layers, backend="triton", route="gram")
+    x = torch.empty((256, 4096), dtype=dt, device="meta")
+    params = list(target.parameters())
+
+    def guided(ps):
+        (target(x).sum() + guidance.loss(x)).backward()
+
+    def plain(ps):
+        target(x).sum().backward()
+
+    with_g = count_step(arch, guided, lambda _dt: (params,), dtype, precision)
+    without = count_step(arch, plain, lambda _dt: (params,), dtype, precision)
+    guidance.close()
+    added = Counter(with_g["aten_ops"])
+    added.subtract(without["aten_ops"])
+    return {
+        "triton_launches": with_g["triton_launches"] - without["triton_launches"],
+        "triton_kernels": with_g["triton_kernels"],
+        "aten_compute_ops": with_g["aten_compute_ops"] - without["aten_compute_ops"],
+        "aten_ops": {k: v for k, v in added.items() if v},
+        "device_kernels": with_g["device_kernels"] - without["device_kernels"],
+        "host_syncs": with_g["host_syncs"],
+    }
+
+
+def public_w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
+    """:func:`count_step` of :func:`public_w1_step` (``fastguide.CKALoss``) on the W1 shapes."""
+    return count_step(arch, public_w1_step(), w1_inputs, dtype, precision)
+
+
+def public_w1_host_time(arch: int = 90, calls: int = 50, dtype: str = "float32") -> dict:
+    """Host time of one W1 ``CKALoss`` forward+backward with every launch stubbed: the op layer, the
+    launchers' host code, Triton's launch path up to its kernel-cache lookup, and aten dispatch on
+    meta tensors. Medians over ``calls`` calls after two warm-up calls, in ms; the stub is a bare
+    ``return True`` hook (no bookkeeping), so the figure excludes the driver's launch call itself
+    (a few microseconds per launch on a GPU). Not a timed test: the figures depend on the machine."""
+    import statistics
+
+    import torch
+    import triton
+
+    dt = getattr(torch, dtype)
+    loss_fn = public_w1_loss()
+    gate = Gate(arch, compile_kernels=False)
+    times, fwd = [], []
+    with gate.active(), meta_as_cuda():
+        triton.knobs.runtime.jit_cache_hook = lambda **kw: True
+        targets, guides = w1_inputs(dt)
+        for k in range(calls + 2):
+            for t in targets:
+                t.grad = None
+            t0 = time.perf_counter()
+            loss = loss_fn(targets, guides)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if k >= 2:
+                times.append(t2 - t0)
+                fwd.append(t1 - t0)
+    return {
+        "calls": calls,
+        "median_ms": 1e3 * statistics.median(times),
+        "forward_median_ms": 1e3 * statistics.median(fwd),
+        "min_ms": 1e3 * min(times),
+    }
+
+
 # --------------------------------------------------------------------------- report
 def summarise(variants: list[Variant]) -> dict:
     """Per (kernel, arch): variants, clean, and each problem's count."""
@@ -741,7 +966,14 @@ def main(argv=None) -> int:
     p.add_argument("--tier", choices=tuple(TIERS), default="default")
     p.add_argument("--json", help="write the variants and the summary here")
     p.add_argument("--table", action="store_true", help="print the markdown table")
-    p.add_argument("--launch-count", action="store_true", help="count the W1 loss's device kernels instead")
+    p.add_argument(
+        "--launch-count",
+        choices=("kernels", "public", "guidance"),
+        nargs="?",
+        const="kernels",
+        help="count the W1 loss's device kernels instead: from the launchers, or through fastguide.CKALoss",
+    )
+    p.add_argument("--host-time", action="store_true", help="median host time of a W1 CKALoss call instead")
     args = p.parse_args(argv)
     for var in ("TRITON_INTERPRET", "FASTGUIDE_SKIP_AUTOTUNE"):
         if os.environ.get(var, "0") not in ("", "0"):
@@ -751,8 +983,14 @@ def main(argv=None) -> int:
     if missing:
         print("missing triton internals: " + ", ".join(missing), file=sys.stderr)
         return 3
+    if args.host_time:
+        print(json.dumps(public_w1_host_time(args.arch)))
+        return 0
     if args.launch_count:
-        result = w1_launch_count(args.arch)
+        count = {"kernels": w1_launch_count, "public": public_w1_launch_count}.get(
+            args.launch_count, guidance_w1_launch_count
+        )
+        result = count(args.arch)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

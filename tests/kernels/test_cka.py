@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fastguide.kernels import cka_matrix_fwd, cka_pairs_fwd, gram_fwd, hsic_matrix, hsic_pairs
-from helpers import CKA_ATOL, assert_close_verbose
+from helpers import assert_close, assert_close_verbose
 
 from fastguide import _reference as ref
 
@@ -106,13 +106,13 @@ def test_cka_end_to_end_vs_reference(estimator, dtype, dev, highest_precision):
     pj = torch.arange(L, device=dev).repeat(L)
     got = _cka_from(C, h, ok, pi, pj, n, estimator).view(L, L)
     expected = ref.cka_matrix(xs, estimator=estimator)
-    assert_close_verbose(got, expected, CKA_ATOL[dtype], f"CKA {estimator}")
+    assert_close(got, expected, "cka", dtype, what=f"CKA {estimator}")
     # The fused epilogues give the same CKA (and HSIC = <C_a, C_b> / N).
     pairs = list(zip(pi.tolist(), pj.tolist(), strict=True))
     fused, hs = cka_pairs_fwd(C, h, ok, pairs, estimator)
-    assert_close_verbose(fused.view(L, L), expected, CKA_ATOL[dtype], f"cka_pairs_fwd {estimator}")
+    assert_close(fused.view(L, L), expected, "cka", dtype, what=f"cka_pairs_fwd {estimator}")
     fused_m, hs_m = cka_matrix_fwd(C, C, h, h, ok, ok, estimator)
-    assert_close_verbose(fused_m, expected, CKA_ATOL[dtype], f"cka_matrix_fwd {estimator}")
+    assert_close(fused_m, expected, "cka", dtype, what=f"cka_matrix_fwd {estimator}")
     assert_close_verbose(hs_m.flatten(), hs, 1e-5 * hs.abs().max().item(), "hsic of the matrix vs the pairs")
     assert fused_m[3].eq(0).all() and fused_m[:, 3].eq(0).all()  # degenerate layer: exactly 0
     # All pairs through the GEMM kernel agree with the pair kernel.

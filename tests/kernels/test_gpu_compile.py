@@ -1,7 +1,9 @@
 """GPU readiness without a GPU (DESIGN.md section 6): every kernel variant the launchers reach
 compiles for sm_80 and sm_90 with no spills, shared memory within the per-block limit, tensor
-cores in fp16/bf16/TF32 matmuls and 16-byte loads on aligned streaming operands; a W1 loss
-forward+backward is at most 16 device kernels with no host sync.
+cores in fp16/bf16/TF32 matmuls and 16-byte loads on aligned streaming operands (the grouped
+kernels of kernels/group.py included); a W1 loss forward+backward is at most 16 device kernels with
+no host sync, from the launchers and through ``fastguide.CKALoss``; a ``Guidance`` step adds only
+its hooks' Grams and the fused loss.
 
 Each check runs ``tests/kernels/gpu_compile.py`` in a subprocess (its stand-in driver must never
 leak into the interpreter tests). Tiers: the default sweep (every autotune config the launchers
@@ -34,8 +36,16 @@ EXPECTED_KERNELS = {
     "_cka_pairs_fwd_kernel",
     "_cka_matrix_fwd_kernel",
     "_cka_pairs_bwd_kernel",
+    "_group_gram_fwd_kernel",
+    "_group_grad_bwd_kernel",
 }
-MATMUL_KERNELS = {"_gram_fwd_kernel", "_cka_matrix_fwd_kernel", "_cka_pairs_bwd_kernel"}
+MATMUL_KERNELS = {
+    "_gram_fwd_kernel",
+    "_cka_matrix_fwd_kernel",
+    "_cka_pairs_bwd_kernel",
+    "_group_gram_fwd_kernel",
+    "_group_grad_bwd_kernel",
+}
 MAX_W1_KERNELS = 16
 
 
@@ -140,17 +150,55 @@ def test_full_sweep_compiles_clean(tmp_path):
         _check(result)
 
 
-def test_w1_loss_is_at_most_16_device_kernels(tmp_path):
-    """W1 (n 256, 8 x 4096 targets vs 9 ResNet-18 block outputs, 8 pairs) forward + backward from
-    the launchers: Triton launches + aten compute ops, launches stubbed, second call."""
+def _launch_count(tmp_path, level: str) -> dict:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    out = tmp_path / "w1.json"
-    cmd = [sys.executable, str(HERE / "gpu_compile.py"), "--arch", "90", "--launch-count", "--json", str(out)]
+    out = tmp_path / f"w1_{level}.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "gpu_compile.py"),
+        "--arch",
+        "90",
+        "--launch-count",
+        level,
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    count = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("level", ["kernels", "public"])
+def test_w1_loss_is_at_most_16_device_kernels(tmp_path, level):
+    """W1 (n 256, 8 x 4096 targets vs ResNet-18 block outputs, 8 pairs) forward + backward, launches
+    stubbed, second call: Triton launches + aten compute ops, no host sync. ``kernels``: from the
+    launchers; ``public``: ``fastguide.CKALoss(backend="triton")`` through the op layer."""
+    count = _launch_count(tmp_path, level)
     assert count["host_syncs"] == [], f"host synchronisation in the W1 step: {count['host_syncs']}"
-    assert count["triton_launches"] == 6, count  # gram 4 (fwd, rowsum, centre, finish), pairs 1, backward 1
+    # gram 4 (fwd, rowsum, centre, finish), CKA pairs 1 (HSIC + epilogue), backward 1 (all targets)
+    assert count["triton_kernels"] == {
+        "_gram_fwd_kernel": 1,
+        "_gram_rowsum_kernel": 1,
+        "_gram_center_kernel": 1,
+        "_gram_finish_kernel": 1,
+        "_cka_pairs_fwd_kernel": 1,
+        "_cka_pairs_bwd_kernel": 1,
+    }, count
     assert count["device_kernels"] <= MAX_W1_KERNELS, count
+
+
+def test_guidance_w1_step_adds_only_the_hook_grams_and_the_fused_loss(tmp_path):
+    """W1 through ``fastguide.Guidance``: what a guided step adds to the unguided one. Each of the 8
+    guide hooks reduces its layer with one ``gram_fwd`` (4 launches: the guide's activations are
+    freed layer by layer, DESIGN.md section 4), the loss is one ``gram_fwd`` of the targets, one
+    ``cka_pairs_fwd`` with the guide statistics as its second stack and one ``cka_pairs_bwd``; no
+    host synchronisation (kernels/README.md records the full count)."""
+    count = _launch_count(tmp_path, "guidance")
+    assert count["host_syncs"] == [], f"host synchronisation in the guided step: {count['host_syncs']}"
+    grams = {
+        k: 9
+        for k in ("_gram_fwd_kernel", "_gram_rowsum_kernel", "_gram_center_kernel", "_gram_finish_kernel")
+    }
+    assert count["triton_kernels"] == {**grams, "_cka_pairs_fwd_kernel": 1, "_cka_pairs_bwd_kernel": 1}, count

@@ -273,3 +273,23 @@ def test_gram_fwd_gpu_deterministic(highest_precision):
 
 def test_device_helper_matches_fixture(dev):
     assert dev == device()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_degeneracy_rule_is_the_torch_backends(dtype):
+    """The kernels apply the library's degeneracy rule (trace factor per dtype, vanishing units)."""
+    from fastguide.kernels import _common
+
+    assert _common.degenerate_factor(dtype) == tb.degenerate_factor(dtype)
+    assert _common.VANISH_UNITS == tb.VANISH_UNITS
+
+
+def test_gram_fwd_flags_a_vanishing_centred_gram(dev):
+    """Examples all equal but one: U(K) is 0 up to rounding, so the layer is degenerate on the kernel
+    path too (the rule once applied by torch ops after the launch: docs/numerics.md)."""
+    x = torch.ones(8, 5, device=dev) * torch.randn(1, 5, device=dev)
+    x[3] += torch.randn(5, device=dev)
+    C, s, ok, h, _ = gram_fwd([x, torch.randn(8, 3, device=dev)], "unbiased")
+    _, _, okt, _, _ = tb.gram_fwd([x.cpu(), torch.randn(8, 3)], "unbiased")
+    assert ok.tolist() == [False, True] == okt.tolist()
+    assert s[0].item() == 1.0
