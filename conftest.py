@@ -9,8 +9,7 @@
 * Markers ``gpu`` and ``slow`` (declared in pyproject.toml): ``gpu`` items are skipped without CUDA.
 * Every test starts from ``torch.manual_seed(0)``.
 
-tests/kernels/conftest.py keeps its own copy of the environment set-up until the kernel tests adopt
-this plugin (they also run on their own).
+tests/kernels/ uses this plugin too (its own conftest.py only adds fixtures).
 """
 
 from __future__ import annotations

@@ -25,11 +25,6 @@ __all__ = [
     "assert_same_grads",
 ]
 
-# The former names, views of the one table, kept only for tests/kernels/ (rewritten by the kernel work,
-# which moves to assert_close): absolute CKA tolerance and relative gradient tolerance per dtype.
-CKA_ATOL = TOLERANCES["cka"]
-GRAD_RTOL = TOLERANCES["grad"]
-
 #: Kinds compared in norm (relative error of the whole tensor); the others elementwise, absolute.
 NORM_KINDS = ("grad", "gram")
 
@@ -125,11 +120,6 @@ def assert_same_grads(got: torch.Tensor, want: torch.Tensor, inputs, what: str) 
 def assert_close_verbose(actual, expected, atol: float, what: str = "") -> None:
     """Former interface (tests/kernels/ only): elementwise ``|a - e| <= atol``, verbose message."""
     _compare(actual, expected, atol, False, f"atol {atol:g}", f"{what}: " if what else "")
-
-
-def assert_grad_close(actual, expected, rtol: float, what: str = "") -> None:
-    """Former interface (tests/kernels/ only): ``||a - e|| <= rtol ||e||``, exact zeros stay zero."""
-    _compare(actual, expected, rtol, True, f"rtol {rtol:g}", f"{what}: " if what else "")
 
 
 @contextlib.contextmanager
