@@ -207,19 +207,19 @@ def test_autotune_reduced_to_one_config():
 
 def test_split_heuristic(monkeypatch):
     """W1-like shapes: a lone conv-sized guide layer is split, FCN-sized target layers are not."""
-    import fastguide.kernels.gram as gram_mod
+    import fastguide.kernels._tables as tables
 
-    monkeypatch.setattr(gram_mod, "gram_split_target", lambda: 264)
+    monkeypatch.setattr(tables, "gram_split_target", lambda: 264)
     # n = 256, BLOCK_M = 128: 3 upper tiles per layer.
-    assert gram_mod._splits([200704], 3, 64, None, 256, 4) == [49]
-    assert gram_mod._splits([200704], 3, 64, None, 256, 2) == [24]
-    assert gram_mod._splits([4096] * 8, 3, 64, None, 256, 4) == [1] * 8
+    assert tables._splits([200704], 3, 64, None, 256, 4) == [49]
+    assert tables._splits([200704], 3, 64, None, 256, 2) == [24]
+    assert tables._splits([4096] * 8, 3, 64, None, 256, 4) == [1] * 8
     # Enough tiles already: no split.
-    assert gram_mod._splits([1024] * 24, 528, 64, None, 4096, 4) == [1] * 24
+    assert tables._splits([1024] * 24, 528, 64, None, 4096, 4) == [1] * 24
     # Forced splits are capped by the number of BLOCK_K granules.
-    assert gram_mod._splits([70, 33], 1, 32, 3, 20, 4) == [3, 2]
+    assert tables._splits([70, 33], 1, 32, 3, 20, 4) == [3, 2]
     with pytest.raises(ValueError, match="split"):
-        gram_mod._splits([70], 1, 32, 0, 20, 4)
+        tables._splits([70], 1, 32, 0, 20, 4)
 
 
 # --------------------------------------------------------------------------- GPU-only checks
