@@ -346,6 +346,14 @@ def _stack_args(A: torch.Tensor, B: torch.Tensor, n: int, numel: int, chunk: int
     return (*A.stride(), *B.stride(), n, numel, chunk)
 
 
+def _epilogue_args(epilogue: bool, hsic, cnt, h1, h2, ok1, ok2) -> tuple:
+    """``ha_ptr, hb_ptr, oka_ptr, okb_ptr``: without the epilogue, tensors of the launch stand in
+    (the kernel does not read them)."""
+    if epilogue:
+        return h1, h2, ok1, ok2
+    return hsic, hsic, cnt, cnt
+
+
 def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, epilogue: bool):
     """One launch of ``_cka_pairs_fwd_kernel``; returns (cka or None, hsic)."""
     n = A.shape[1]
@@ -366,10 +374,7 @@ def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, 
         B,
         pi,
         pj,
-        h1 if epilogue else hsic,
-        h2 if epilogue else hsic,
-        ok1 if epilogue else cnt,
-        ok2 if epilogue else cnt,
+        *_epilogue_args(epilogue, hsic, cnt, h1, h2, ok1, ok2),
         *_stack_args(A, B, n, numel, chunk),
         P,
         nch,
@@ -408,10 +413,7 @@ def _matrix_launch(A, B, h_a, h_b, ok_a, ok_b, inv_norm, epilogue: bool):
         cnt,
         A,
         B,
-        h_a if epilogue else hsic,
-        h_b if epilogue else hsic,
-        ok_a if epilogue else cnt,
-        ok_b if epilogue else cnt,
+        *_epilogue_args(epilogue, hsic, cnt, h_a, h_b, ok_a, ok_b),
         *_stack_args(A, B, n, numel, chunk),
         nch,
         La,
