@@ -27,6 +27,7 @@ from ._common import (
     SHIFT_ROWS,
     _cast,
     _column_shift,
+    _x_offsets,
     acc_dtype,
     aligned_2d,
     check_float,
@@ -229,19 +230,10 @@ def _cka_pairs_bwd_kernel(
     # x tiles: int32 (IDX) offsets inside the tile from int64 bases.
     if LAYOUT == 0:
         stride_xk = 1
-        om = _cast(stride_xm, IDX)
-        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (BLOCK_J, BLOCK_N)
-        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_N)
     elif LAYOUT == 1:
         stride_xm = 1
-        okk = _cast(stride_xk, IDX)
-        off_x = offs_jj.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
-    else:
-        om = _cast(stride_xm, IDX)
-        okk = _cast(stride_xk, IDX)
-        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
+    # (BLOCK_J, BLOCK_N) tile and (SHIFT_ROWS, BLOCK_N) shift-row offsets.
+    off_x, off_s = _x_offsets(offs_jj, offs_f, offs_s, stride_xm, stride_xk, LAYOUT, IDX)
     xcol_ptr = x_ptr + (nb * BLOCK_N).to(tl.int64) * stride_xk
     mask_sh = (offs_s < n_shift)[:, None] & mask_n[None, :]
     shift = _column_shift(xcol_ptr, off_s, mask_sh, n_shift, ACC)  # (BLOCK_N,)

@@ -43,6 +43,7 @@ from ._common import (
     VANISH_UNITS,
     _cast,
     _column_shift,
+    _x_offsets,
     aligned_2d,
     degenerate_factor,
     device_table,
@@ -157,19 +158,10 @@ def _gram_fwd_kernel(
     # per-program bases; a unit stride is a compile-time 1 so the compiler sees the contiguity.
     if LAYOUT == 0:
         stride_xk = 1
-        om = _cast(stride_xm, IDX)
-        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (BLOCK_M, BLOCK_K)
-        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_K)
     elif LAYOUT == 1:
         stride_xm = 1
-        okk = _cast(stride_xk, IDX)
-        off_t = offs_r.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
-    else:
-        om = _cast(stride_xm, IDX)
-        okk = _cast(stride_xk, IDX)
-        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
+    # (BLOCK_M, BLOCK_K) tile and (SHIFT_ROWS, BLOCK_K) shift-row offsets.
+    off_t, off_s = _x_offsets(offs_r, offs_c, offs_s, stride_xm, stride_xk, LAYOUT, IDX)
     xa_ptr = x_ptr + (ti * BLOCK_M).to(tl.int64) * stride_xm
     xb_ptr = x_ptr + (tj * BLOCK_M).to(tl.int64) * stride_xm
 
