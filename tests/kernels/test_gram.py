@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton.language as tl
 from fastguide.kernels import _configs
 from fastguide.kernels.gram import _gram_fwd_kernel, gram_fwd
 from helpers import assert_close_verbose
-from kernel_oracle import device, oracle_stats
+from kernel_oracle import device, oracle_stats, prune_gram
 
 from fastguide import _torch_backend as tb
 
@@ -192,17 +191,7 @@ def test_autotune_reduced_to_one_config():
         assert len(_configs.gram_fwd_configs()) == 1
         return
     # On a GPU the lists stay whole and the pruning keeps the first config that fits.
-    kept = _configs.prune_gram_fwd(
-        _gram_fwd_kernel.configs,
-        {"x_ref_ptr": torch.empty(1)},
-        BLOCK_M=128,
-        ACC=tl.float32,
-        ALIGNED=True,
-        LAYOUT=0,
-        DOT_LOW=False,
-        INPUT_PRECISION="tf32",
-    )
-    assert len(kept) == 1
+    assert len(prune_gram(_gram_fwd_kernel.configs)) == 1
 
 
 def test_split_heuristic(monkeypatch):
