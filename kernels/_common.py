@@ -221,6 +221,30 @@ def _cast(v, DT: tl.constexpr):
 
 
 @triton.jit
+def _x_offsets(offs_m, offs_k, offs_s, stride_xm, stride_xk, LAYOUT: tl.constexpr, IDX: tl.constexpr):
+    """IDX in-tile offsets of an (n, d) input of memory layout class LAYOUT (:func:`layout_2d`): the
+    (len(offs_m), len(offs_k)) tile of rows ``offs_m`` and its (SHIFT_ROWS, len(offs_k)) shift rows.
+
+    The caller sets the unit stride of LAYOUT 0 / 1 to a compile-time 1 (so the compiler sees the
+    contiguity); this helper does not read it.
+    """
+    if LAYOUT == 0:
+        om = _cast(stride_xm, IDX)
+        off_t = offs_m.to(IDX)[:, None] * om + offs_k.to(IDX)[None, :]
+        off_s = offs_s.to(IDX)[:, None] * om + offs_k.to(IDX)[None, :]
+    elif LAYOUT == 1:
+        okk = _cast(stride_xk, IDX)
+        off_t = offs_m.to(IDX)[:, None] + offs_k.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] + offs_k.to(IDX)[None, :] * okk
+    else:
+        om = _cast(stride_xm, IDX)
+        okk = _cast(stride_xk, IDX)
+        off_t = offs_m.to(IDX)[:, None] * om + offs_k.to(IDX)[None, :] * okk
+        off_s = offs_s.to(IDX)[:, None] * om + offs_k.to(IDX)[None, :] * okk
+    return off_t, off_s
+
+
+@triton.jit
 def _column_shift(ptr, offs, mask, n_shift, ACC: tl.constexpr):
     """Per-column shift: the mean of the first ``n_shift = min(n, SHIFT_ROWS)`` rows.
 

@@ -27,6 +27,7 @@ from ._common import (
     SHIFT_ROWS,
     _cast,
     _column_shift,
+    _x_offsets,
     acc_dtype,
     aligned_2d,
     check_float,
@@ -39,7 +40,8 @@ from ._common import (
     tl_dtype,
 )
 from ._configs import GRAD_SLOTS, grad_blocks, grad_configs, prune_grad
-from .cka import _check_pair, _check_self, _check_stack, _norm, _resolve, _self_hsic, check_pairs, pair_index
+from ._tables import _check_space, _check_x, _is_flat, _norm, check_pairs, pair_index
+from .cka import _resolve, _self_hsic
 
 _ALPHA, _BETA = 0, 1  # contribution kinds: partner term alpha_p C_b, self term -g_p CKA_p / h_a C_a
 _LAYER_COLS = 8  # x pointer, stride_xm, stride_xk, d, dx pointer, first slot, slots, global layer
@@ -228,19 +230,10 @@ def _cka_pairs_bwd_kernel(
     # x tiles: int32 (IDX) offsets inside the tile from int64 bases.
     if LAYOUT == 0:
         stride_xk = 1
-        om = _cast(stride_xm, IDX)
-        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (BLOCK_J, BLOCK_N)
-        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_N)
     elif LAYOUT == 1:
         stride_xm = 1
-        okk = _cast(stride_xk, IDX)
-        off_x = offs_jj.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] + offs_f.to(IDX)[None, :] * okk
-    else:
-        om = _cast(stride_xm, IDX)
-        okk = _cast(stride_xk, IDX)
-        off_x = offs_jj.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] * om + offs_f.to(IDX)[None, :] * okk
+    # (BLOCK_J, BLOCK_N) tile and (SHIFT_ROWS, BLOCK_N) shift-row offsets.
+    off_x, off_s = _x_offsets(offs_jj, offs_f, offs_s, stride_xm, stride_xk, LAYOUT, IDX)
     xcol_ptr = x_ptr + (nb * BLOCK_N).to(tl.int64) * stride_xk
     mask_sh = (offs_s < n_shift)[:, None] & mask_n[None, :]
     shift = _column_shift(xcol_ptr, off_s, mask_sh, n_shift, ACC)  # (BLOCK_N,)
@@ -381,17 +374,6 @@ def _run(xs, metas, slot_rows, con_rows, num_c, c1, c2, c_flat, c_aligned, mode_
     return outs
 
 
-def _flat(c: torch.Tensor) -> bool:
-    n = c.shape[-1]
-    return c.stride(-1) == 1 and (c.stride(-2) == n or n == 1)
-
-
-def _check_x(x, name: str) -> None:
-    check_float(x, name)
-    if x.dim() != 2 or x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (n, d) tensor; got shape {tuple(x.shape)}")
-
-
 @on_input_device
 def grad_x(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Gradient of one target layer: ``scale * (sum_k w[k] Cs[k]) @ (x - shift)`` in x's dtype.
@@ -423,7 +405,7 @@ def grad_x(x: torch.Tensor, Cs: list[torch.Tensor], w: torch.Tensor, scale: torc
         raise ValueError(f"w and scale must be on {x.device}")
     if not Cs:
         return torch.zeros((n, d), dtype=x.dtype, device=x.device)
-    c_flat = all(_flat(c) for c in Cs)
+    c_flat = all(_is_flat(c) for c in Cs)
     c_aligned = c_flat and all(c.data_ptr() % 16 == 0 for c in Cs) and (n * Cs[0].element_size()) % 16 == 0
     slot_rows = [v for k, c in enumerate(Cs) for v in (c.data_ptr(), k, 0, c.stride(0), c.stride(1))]
     num_c = min(GRAD_SLOTS, len(Cs))
@@ -478,19 +460,9 @@ def cka_pairs_bwd(
     with a degenerate layer contributes exactly 0; a target without pairs gets an exact 0. The
     weights alpha/beta, 1/N and 2/s are computed in the kernel: no torch op, no host sync.
     """
-    _check_stack(C, "C")
+    L1, L2, acc = _check_space(C, h, ok, C2, h2, ok2, gram_dtype=True)
     two = C2 is not None
-    if two:
-        _check_pair(C, C2, "C", "C2")
-    L1 = C.shape[0]
-    L2 = C2.shape[0] if two else 0
     n = C.shape[1]
-    if C.dtype == torch.float16:
-        raise TypeError("C must be float32 or float64 (the stacks of gram_fwd)")
-    acc = C.dtype
-    _check_self(h, ok, L1, acc, C.device, "")
-    if two:
-        _check_self(h2, ok2, L2, acc, C.device, "2")
     if not isinstance(s, torch.Tensor) or s.shape != (L1,) or s.dtype != acc:
         raise ValueError(f"s must be a ({L1},) tensor of dtype {acc}")
     inv = _norm(n, estimator)
@@ -517,9 +489,9 @@ def cka_pairs_bwd(
             raise ValueError(f"xs[{t}] must be on {C.device}; got {x.device}")
     if not xs:
         return []
-    C = C if _flat(C) else C.contiguous()
+    C = C if _is_flat(C) else C.contiguous()
     if two:
-        C2 = C2 if _flat(C2) else C2.contiguous()
+        C2 = C2 if _is_flat(C2) else C2.contiguous()
     slot_rows, con_rows, metas, num_c = _pair_tables(pairs, which, n)
     pi, pj = pair_index(pairs, C.device)
     vec_c = 16 // C.element_size()

@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _arrive, arrival_counters, device_table, input_precision, on_input_device, pow2_bucket
+from ._common import (
+    _arrive,
+    acc_dtype,
+    arrival_counters,
+    input_precision,
+    on_input_device,
+    pow2_bucket,
+    tl_dtype,
+)
 from ._configs import (
     MATRIX_GRANULE,
     matrix_blocks,
@@ -35,6 +43,17 @@ from ._configs import (
     pair_chunks,
     pairs_block,
     prune_matrix,
+)
+from ._tables import (
+    _aligned_stacks,
+    _check_index,
+    _check_pair,
+    _check_self,
+    _check_space,
+    _is_flat,
+    _norm,
+    check_pairs,
+    pair_index,
 )
 
 
@@ -307,117 +326,43 @@ def _cka_matrix_fwd_kernel(
 
 
 # --------------------------------------------------------------------------- host side
-def _check_stack(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty (L, n, n) stack of Grams; got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float16, torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float16, float32 or float64; got {t.dtype}")
-    return t
+def _chunking(numel: int, granule: int, programs: int) -> tuple[int, int]:
+    """(chunk, number of chunks) of the flattened n*n axis: chunks are multiples of ``granule``."""
+    nch = pair_chunks(numel, granule, programs)
+    chunk = triton.cdiv(triton.cdiv(numel, nch), granule) * granule
+    return chunk, triton.cdiv(numel, chunk)
 
 
-def _check_pair(A: torch.Tensor, B: torch.Tensor, na: str = "A", nb: str = "B") -> None:
-    _check_stack(A, na)
-    _check_stack(B, nb)
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"{na} and {nb} must have the same n; got {A.shape[1]} and {B.shape[1]}")
-    if A.dtype != B.dtype:
-        raise TypeError(f"{na} and {nb} must have one dtype; got {A.dtype} and {B.dtype}")
-    if A.device != B.device:
-        raise ValueError(f"{na} and {nb} must be on one device; got {A.device} and {B.device}")
+def _outputs(shape: tuple, nch: int, acc: torch.dtype, device, epilogue: bool):
+    """(partials (nch, *shape), hsic, cka) of a launch; cka is hsic itself without the epilogue."""
+    part = torch.empty((nch, *shape), dtype=acc, device=device)
+    hsic = torch.empty(shape, dtype=acc, device=device)
+    cka = torch.empty(shape, dtype=acc, device=device) if epilogue else hsic
+    return part, hsic, cka
 
 
-def _is_flat(t: torch.Tensor) -> bool:
-    n = t.shape[1]
-    return t.stride(2) == 1 and (t.stride(1) == n or n == 1)
+def _stack_args(A: torch.Tensor, B: torch.Tensor, n: int, numel: int, chunk: int) -> tuple:
+    """The launch arguments ``stride_a0 .. stride_b2, n, numel, chunk`` of both kernels."""
+    return (*A.stride(), *B.stride(), n, numel, chunk)
 
 
-def _aligned_stacks(*ts: torch.Tensor) -> bool:
-    """Every matrix of every (flat) stack starts on 16 bytes and holds a multiple of 16 bytes."""
-    for t in ts:
-        vec = 16 // t.element_size()
-        if not _is_flat(t) or t.data_ptr() % 16 or (t.shape[1] ** 2) % vec:
-            return False
-        if t.shape[0] > 1 and t.stride(0) % vec:
-            return False
-    return True
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _norm(n: int, estimator: str | None) -> float:
-    if estimator is None:
-        return 1.0
-    if estimator not in ("unbiased", "biased"):
-        raise ValueError(f"estimator must be 'unbiased' or 'biased'; got {estimator!r}")
-    return 1.0 / (n * (n - 3) if estimator == "unbiased" else (n - 1) ** 2)
-
-
-def _check_self(h, ok, L: int, acc: torch.dtype, device, name: str) -> None:
-    if not isinstance(h, torch.Tensor) or h.shape != (L,) or h.dtype != acc:
-        raise ValueError(f"h{name} must be a ({L},) tensor of dtype {acc}")
-    if not isinstance(ok, torch.Tensor) or ok.shape != (L,) or ok.dtype != torch.bool:
-        raise ValueError(f"ok{name} must be a ({L},) bool tensor")
-    if h.device != device or ok.device != device:
-        raise ValueError(f"h{name} and ok{name} must be on {device}")
-
-
-def _check_index(A: torch.Tensor, pi, pj) -> None:
-    for name, t in (("pi", pi), ("pj", pj)):
-        if (
-            not isinstance(t, torch.Tensor)
-            or t.dim() != 1
-            or t.dtype.is_floating_point
-            or t.dtype == torch.bool
-        ):
-            raise TypeError(f"{name} must be a 1-D integer tensor")
-        if t.device != A.device:
-            raise ValueError(f"{name} must be on {A.device}; got {t.device}")
-    if pi.shape != pj.shape:
-        raise ValueError(f"pi and pj must have the same length; got {pi.shape[0]} and {pj.shape[0]}")
-
-
-def check_pairs(pairs, num_layers: int) -> tuple[tuple[int, int], ...]:
-    """Host-side pair list (i, j) with 0 <= i, j < num_layers, as a tuple of int pairs."""
-    try:
-        out = tuple((int(i), int(j)) for i, j in pairs)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"pairs must be a sequence of (i, j) integer pairs; got {pairs!r}") from e
-    for p, (i, j) in enumerate(out):
-        if not (0 <= i < num_layers and 0 <= j < num_layers):
-            raise ValueError(f"pairs[{p}] = ({i}, {j}) is out of range for {num_layers} layers")
-    return out
-
-
-def pair_index(pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pi, pj) int32 device tables of a host pair list, cached by content (no per-call copy)."""
-    P = len(pairs)
-    flat = device_table(
-        lambda: [i for i, _ in pairs] + [j for _, j in pairs], torch.int32, device, key=("pairs", pairs)
-    )
-    return flat[:P], flat[P:]
+def _epilogue_args(epilogue: bool, hsic, cnt, h1, h2, ok1, ok2) -> tuple:
+    """``ha_ptr, hb_ptr, oka_ptr, okb_ptr``: without the epilogue, tensors of the launch stand in
+    (the kernel does not read them)."""
+    if epilogue:
+        return h1, h2, ok1, ok2
+    return hsic, hsic, cnt, cnt
 
 
 def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, epilogue: bool):
     """One launch of ``_cka_pairs_fwd_kernel``; returns (cka or None, hsic)."""
     n = A.shape[1]
     P = pi.shape[0]
-    acc = _acc(A.dtype)
+    acc = acc_dtype(A.dtype)
     numel = n * n
     BK = pairs_block()
-    nch = pair_chunks(numel, BK, P)
-    chunk = triton.cdiv(triton.cdiv(numel, nch), BK) * BK
-    nch = triton.cdiv(numel, chunk)
-    part = torch.empty((nch, P), dtype=acc, device=A.device)
-    hsic = torch.empty((P,), dtype=acc, device=A.device)
-    cka = torch.empty((P,), dtype=acc, device=A.device) if epilogue else hsic
+    chunk, nch = _chunking(numel, BK, P)
+    part, hsic, cka = _outputs((P,), nch, acc, A.device, epilogue)
     cnt = arrival_counters(A.device, P)
     flat = _is_flat(A) and _is_flat(B)
     _cka_pairs_fwd_kernel[(P, nch)](
@@ -429,19 +374,8 @@ def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, 
         B,
         pi,
         pj,
-        h1 if epilogue else hsic,
-        h2 if epilogue else hsic,
-        ok1 if epilogue else cnt,
-        ok2 if epilogue else cnt,
-        A.stride(0),
-        A.stride(1),
-        A.stride(2),
-        B.stride(0),
-        B.stride(1),
-        B.stride(2),
-        n,
-        numel,
-        chunk,
+        *_epilogue_args(epilogue, hsic, cnt, h1, h2, ok1, ok2),
+        *_stack_args(A, B, n, numel, chunk),
         P,
         nch,
         L1,
@@ -454,7 +388,7 @@ def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, 
         VEC=16 // A.element_size(),
         GLOBAL=glob,
         EPILOGUE=epilogue,
-        ACC=_tl(acc),
+        ACC=tl_dtype(acc),
     )
     return (cka if epilogue else None), hsic
 
@@ -462,16 +396,12 @@ def _pairs_launch(A, B, pi, pj, L1, L2, h1, h2, ok1, ok2, inv_norm, glob: bool, 
 def _matrix_launch(A, B, h_a, h_b, ok_a, ok_b, inv_norm, epilogue: bool):
     La, n, _ = A.shape
     Lb = B.shape[0]
-    acc = _acc(A.dtype)
+    acc = acc_dtype(A.dtype)
     numel = n * n
     BA, BB = matrix_blocks(La, Lb)
     grid_ab = triton.cdiv(La, BA) * triton.cdiv(Lb, BB)
-    nch = pair_chunks(numel, MATRIX_GRANULE, grid_ab)
-    chunk = triton.cdiv(triton.cdiv(numel, nch), MATRIX_GRANULE) * MATRIX_GRANULE
-    nch = triton.cdiv(numel, chunk)
-    part = torch.empty((nch, La, Lb), dtype=acc, device=A.device)
-    hsic = torch.empty((La, Lb), dtype=acc, device=A.device)
-    cka = torch.empty((La, Lb), dtype=acc, device=A.device) if epilogue else hsic
+    chunk, nch = _chunking(numel, MATRIX_GRANULE, grid_ab)
+    part, hsic, cka = _outputs((La, Lb), nch, acc, A.device, epilogue)
     cnt = arrival_counters(A.device, grid_ab)
     dot_low = A.dtype == torch.float16
     a_flat, b_flat = _is_flat(A), _is_flat(B)
@@ -483,19 +413,8 @@ def _matrix_launch(A, B, h_a, h_b, ok_a, ok_b, inv_norm, epilogue: bool):
         cnt,
         A,
         B,
-        h_a if epilogue else hsic,
-        h_b if epilogue else hsic,
-        ok_a if epilogue else cnt,
-        ok_b if epilogue else cnt,
-        A.stride(0),
-        A.stride(1),
-        A.stride(2),
-        B.stride(0),
-        B.stride(1),
-        B.stride(2),
-        n,
-        numel,
-        chunk,
+        *_epilogue_args(epilogue, hsic, cnt, h_a, h_b, ok_a, ok_b),
+        *_stack_args(A, B, n, numel, chunk),
         nch,
         La,
         Lb,
@@ -510,7 +429,7 @@ def _matrix_launch(A, B, h_a, h_b, ok_a, ok_b, inv_norm, epilogue: bool):
         ALIGNED=a_flat and b_flat and _aligned_stacks(A, B),
         VEC=16 // A.element_size(),
         EPILOGUE=epilogue,
-        ACC=_tl(acc),
+        ACC=tl_dtype(acc),
         DOT_LOW=dot_low,
         INPUT_PRECISION=input_precision(A.dtype),
     )
@@ -542,7 +461,7 @@ def hsic_pairs(A: torch.Tensor, B: torch.Tensor, pi: torch.Tensor, pj: torch.Ten
     _check_pair(A, B)
     _check_index(A, pi, pj)
     if pi.shape[0] == 0:
-        return torch.zeros((0,), dtype=_acc(A.dtype), device=A.device)
+        return torch.zeros((0,), dtype=acc_dtype(A.dtype), device=A.device)
     return _pairs_launch(A, B, pi, pj, A.shape[0], B.shape[0], None, None, None, None, 1.0, False, False)[1]
 
 
@@ -569,19 +488,11 @@ def cka_pairs_fwd(
     the torch backend's ``cka_from_hsic`` computes. Stacks must be flat (contiguous last two dims);
     any other layout is copied once. No host synchronisation.
     """
-    _check_stack(C, "C")
+    L1, L2, acc = _check_space(C, h, ok, C2, h2, ok2)
     two = C2 is not None
-    if two:
-        _check_pair(C, C2, "C", "C2")
     C = C if _is_flat(C) else C.contiguous()
-    L1 = C.shape[0]
-    acc = _acc(C.dtype)
-    _check_self(h, ok, L1, acc, C.device, "")
-    L2 = 0
     if two:
         C2 = C2 if _is_flat(C2) else C2.contiguous()
-        L2 = C2.shape[0]
-        _check_self(h2, ok2, L2, acc, C.device, "2")
     inv = _norm(C.shape[1], estimator)
     pairs = check_pairs(pairs, L1 + L2)
     if not pairs:
@@ -621,7 +532,7 @@ def cka_matrix_fwd(
     the all-pairs GEMM (tensor cores for fp16 stacks and under TF32; IEEE under "highest").
     """
     _check_pair(A, B)
-    acc = _acc(A.dtype)
+    acc = acc_dtype(A.dtype)
     _check_self(h_a, ok_a, A.shape[0], acc, A.device, "_a")
     _check_self(h_b, ok_b, B.shape[0], acc, A.device, "_b")
     inv = _norm(A.shape[1], estimator)

@@ -43,9 +43,8 @@ from ._common import (
     VANISH_UNITS,
     _cast,
     _column_shift,
-    acc_dtype,
+    _x_offsets,
     aligned_2d,
-    check_float,
     degenerate_factor,
     device_table,
     input_precision,
@@ -56,20 +55,14 @@ from ._common import (
     tl_dtype,
 )
 from ._configs import (
-    GRAM_GRANULE,
-    GRAM_MIN_CHUNK,
     gram_block_m,
     gram_center_block,
     gram_fwd_configs,
     gram_rowsum_block,
-    gram_split_target,
     interpreting,
     prune_gram_fwd,
 )
-
-# Columns of the per-program table of _gram_fwd_kernel: local layer, ti, tj, feature range
-# [k0, k1), destination buffer (0: K, 1: split partials KX), index in that buffer, split slot.
-_PROG_COLS = 8
+from ._tables import _check_layers, _dot_dtype, _program_table, _split_plan
 
 
 @triton.autotune(
@@ -122,7 +115,7 @@ def _gram_fwd_kernel(
       x_ref_ptr: the group's first layer: only its element type is used (the pointer witness).
       xp_ptr: (G,) int64 data pointers of the group's layers, each an (n, d_g) matrix.
       xs_ptr: (G, 2) int64 strides (row, feature) of those layers.
-      prog_ptr: (P, 8) int32 program table (see ``_PROG_COLS``).
+      prog_ptr: (P, 8) int32 program table (see ``_tables._PROG_COLS``).
     Constexprs: LAYOUT 0 row-major / 1 column-major / 2 general strides (every layer of the group);
       ALIGNED: the host checked 16-byte alignment (``aligned_2d``) of every layer (VEC elements
       per 16 bytes); IDX: int32 in-tile
@@ -165,19 +158,10 @@ def _gram_fwd_kernel(
     # per-program bases; a unit stride is a compile-time 1 so the compiler sees the contiguity.
     if LAYOUT == 0:
         stride_xk = 1
-        om = _cast(stride_xm, IDX)
-        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (BLOCK_M, BLOCK_K)
-        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :]  # (SHIFT_ROWS, BLOCK_K)
     elif LAYOUT == 1:
         stride_xm = 1
-        okk = _cast(stride_xk, IDX)
-        off_t = offs_r.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] + offs_c.to(IDX)[None, :] * okk
-    else:
-        om = _cast(stride_xm, IDX)
-        okk = _cast(stride_xk, IDX)
-        off_t = offs_r.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
-        off_s = offs_s.to(IDX)[:, None] * om + offs_c.to(IDX)[None, :] * okk
+    # (BLOCK_M, BLOCK_K) tile and (SHIFT_ROWS, BLOCK_K) shift-row offsets.
+    off_t, off_s = _x_offsets(offs_r, offs_c, offs_s, stride_xm, stride_xk, LAYOUT, IDX)
     xa_ptr = x_ptr + (ti * BLOCK_M).to(tl.int64) * stride_xm
     xb_ptr = x_ptr + (tj * BLOCK_M).to(tl.int64) * stride_xm
 
@@ -430,51 +414,6 @@ def _gram_finish_kernel(
     tl.store(klog_ptr + layer, nf * 0.0)
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """Operand dtype of the Gram dot: 16-bit inputs use the tensor-core dot (fp32 accumulate),
-    except bf16 under the interpreter, whose bf16 dot is wrong (STYLE.md): fp32 there."""
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreting()):
-        return tl_dtype(dtype)
-    return None
-
-
-def _splits(ds: list[int], tiles: int, granule: int, split, n: int, esize: int) -> list[int]:
-    """Feature-axis splits per layer: enough programs for about two waves, chunks >= GRAM_MIN_CHUNK,
-    and split partials (written and read once, S n^2 acc values) at most ~1/8 of the input bytes."""
-    L = len(ds)
-    if split is not None:
-        want = [split] * L if isinstance(split, int) else list(split)
-        if len(want) != L or any(int(v) < 1 for v in want):
-            raise ValueError(f"split must be a positive int or one per layer; got {split!r}")
-        return [min(int(v), triton.cdiv(d, granule)) for v, d in zip(want, ds, strict=True)]
-    base = L * tiles
-    target = gram_split_target()
-    if base >= target:
-        return [1] * L
-    per = triton.cdiv(target, base)
-    return [max(1, min(per, d // GRAM_MIN_CHUNK, d * esize // (64 * n))) for d in ds]
-
-
-def _program_table(spec, T: int) -> list[int]:
-    """Flat (P, 8) rows of ``_gram_fwd_kernel``'s program table for one layer group.
-
-    spec: per local layer (global index, d, splits, chunk, first extra slot, first slot).
-    Longest feature ranges first (load balance across waves); a (layer, split)'s tiles stay
-    adjacent, so they run together and share the x rows they read through L2.
-    """
-    prog = []
-    for local, (g, d, s_l, chunk, e0, sl0) in enumerate(spec):
-        for sp in range(s_l):
-            k0 = sp * chunk
-            k1 = min(d, k0 + chunk)
-            dest, index = (0, g) if sp == 0 else (1, e0 + sp - 1)
-            for ti in range(T):
-                for tj in range(ti, T):
-                    prog.append((k1 - k0, (local, ti, tj, k0, k1, dest, index, sl0 + sp)))
-    prog.sort(key=lambda e: -e[0])
-    return [v for _, row in prog for v in row]
-
-
 @on_input_device
 def gram_fwd(
     xs: list[torch.Tensor],
@@ -501,30 +440,7 @@ def gram_fwd(
     alignment) group of layers (one for the usual all-contiguous list), plus three; no host
     synchronisation.
     """
-    if estimator not in ("unbiased", "biased"):
-        raise ValueError(f"estimator must be 'unbiased' or 'biased'; got {estimator!r}")
-    if not isinstance(xs, (list, tuple)) or len(xs) == 0:
-        raise ValueError("xs must be a non-empty list of (n, d) tensors")
-    for i, x in enumerate(xs):
-        check_float(x, f"xs[{i}]")
-        if x.dim() != 2 or x.numel() == 0:
-            raise ValueError(f"xs[{i}] must be a non-empty 2-D (n, d) tensor; got shape {tuple(x.shape)}")
-    n = xs[0].shape[0]
-    device = xs[0].device
-    acc = acc_dtype(xs[0].dtype)
-    for i, x in enumerate(xs):
-        if x.shape[0] != n:
-            raise ValueError(f"all layers must have the same n; xs[0] has {n}, xs[{i}] has {x.shape[0]}")
-        if x.device != device:
-            raise ValueError(f"all layers must be on one device; xs[0] is on {device}, xs[{i}] on {x.device}")
-        if acc_dtype(x.dtype) != acc:
-            raise TypeError(
-                "xs must be all float64 or all of float16/bfloat16/float32 (one accumulation dtype)"
-            )
-    need = 4 if estimator == "unbiased" else 2
-    if n < need:
-        raise ValueError(f"the {estimator} estimator needs n >= {need}; got n={n}")
-
+    n, device, acc = _check_layers(xs, estimator)
     L = len(xs)
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16; got {block_m}")
@@ -535,18 +451,9 @@ def gram_fwd(
     if n * BM > 2**31 - 1:
         raise ValueError(f"n={n} is too large for the Triton Gram kernels (n * {BM} must fit in int32)")
     T = triton.cdiv(n, BM)
-    granule = GRAM_GRANULE
     ds = [x.shape[1] for x in xs]
-    S = _splits(ds, T * (T + 1) // 2, granule, split, n, min(x.element_size() for x in xs))
-    chunks = [triton.cdiv(triton.cdiv(d, s), granule) * granule for d, s in zip(ds, S, strict=True)]
-    S = [triton.cdiv(d, c) for d, c in zip(ds, chunks, strict=True)]
-    split0, ext0 = [], []
-    ns = ne = 0
-    for s_l in S:
-        split0.append(ns)
-        ext0.append(ne)
-        ns += s_l
-        ne += s_l - 1
+    S, chunks, split0, ext0 = _split_plan(ds, T, split, n, min(x.element_size() for x in xs))
+    ns, ne = sum(S), sum(S) - L
 
     K = torch.empty((L, n, n), dtype=acc, device=device)
     KX = torch.empty((ne, n, n), dtype=acc, device=device) if ne else K

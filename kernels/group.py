@@ -191,6 +191,23 @@ def _check_view(x: torch.Tensor, shift: torch.Tensor) -> None:
         raise ValueError("shift must be on the device of x")
 
 
+def _view_args(x: torch.Tensor, shift: torch.Tensor) -> tuple:
+    """The launch arguments ``stride_xg, stride_xm, stride_xk, stride_sg, n, d`` of both kernels."""
+    return (*x.stride(), shift.stride(0), x.shape[1], x.shape[2])
+
+
+def _meta(block_m: int, block_k: int, idx, acc: torch.dtype, precision: str) -> dict:
+    """The constexprs and launch options of both kernels."""
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        IDX=idx,
+        ACC=tl_dtype(acc),
+        INPUT_PRECISION=precision,
+        **group_launch(block_m, block_k, precision),
+    )
+
+
 @on_input_device
 def group_gram_fwd(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(G, n, n) Grams of the shifted groups of a (G, n, d) view (any strides) and the raw ``||x_g||^2``.
@@ -218,18 +235,8 @@ def group_gram_fwd(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | Non
         out.stride(0),
         out.stride(1),
         sq.stride(0),
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        shift.stride(0),
-        n,
-        d,
-        BLOCK_M=BM,
-        BLOCK_K=BK,
-        IDX=idx,
-        ACC=tl_dtype(acc),
-        INPUT_PRECISION=prec,
-        **group_launch(BM, BK, prec),
+        *_view_args(x, shift),
+        **_meta(BM, BK, idx, acc, prec),
     )
     return out, sq.sum(dim=1).to(out.dtype)
 
@@ -270,17 +277,7 @@ def group_grad_bwd(
         dx.stride(2),
         W.stride(0),
         W.stride(1),
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        shift.stride(0),
-        n,
-        d,
-        BLOCK_M=BM,
-        BLOCK_K=BK,
-        IDX=idx,
-        ACC=tl_dtype(acc),
-        INPUT_PRECISION=prec,
-        **group_launch(BM, BK, prec),
+        *_view_args(x, shift),
+        **_meta(BM, BK, idx, acc, prec),
     )
     return dx

@@ -695,43 +695,17 @@ W1_GUIDE_SHAPES = [
 
 
 def w1_launch_count(arch: int = 90, dtype: str = "float32", precision: str = "high") -> dict:
-    """Device kernels of one W1 loss forward + backward (the second of two calls: tables cached,
-    autotuning done): Triton launches (counted by the stand-in hook, launches skipped) and aten
-    compute ops (torch profiler, top-level ops that would launch a kernel), plus host syncs."""
+    """Device kernels of one W1 loss forward + backward from the launchers (:func:`w1_pipeline`;
+    no op layer, so no :func:`meta_as_cuda`): :func:`count_step` of the second of two calls."""
     import fastguide.kernels as K
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    n = 256
-    dt = getattr(torch, dtype)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    gate = Gate(arch, compile_kernels=False)
-    try:
-        with gate.active():
-            step = w1_pipeline(K)
-            targets = [torch.empty((n, 4096), dtype=dt, device="meta", requires_grad=True) for _ in range(8)]
-            guides = [torch.empty((n, *s), dtype=dt, device="meta") for s in W1_GUIDE_SHAPES]
-            weights = torch.empty(8, dtype=torch.float32, device="meta")
-            pairs = [(i, 8 + i) for i in range(8)]
-            step(targets, guides, weights, pairs)
-            gate.launches.clear()
-            for t in targets:  # as optimizer.zero_grad(set_to_none=True) leaves them
-                t.grad = None
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(targets, guides, weights, pairs)
-            launches = list(gate.launches)
-    finally:
-        torch.set_float32_matmul_precision(old)
-    compute, syncs = _aten_compute_ops(prof)
-    return {
-        "triton_launches": len(launches),
-        "triton_kernels": dict(Counter(launches)),
-        "aten_compute_ops": len(compute),
-        "aten_ops": dict(Counter(compute)),
-        "device_kernels": len(launches) + len(compute),
-        "host_syncs": syncs,
-    }
+    def inputs(dt):
+        targets, guides = w1_inputs(dt)
+        weights = torch.empty(8, dtype=torch.float32, device="meta")
+        return targets, guides, weights, [(i, 8 + i) for i in range(8)]
+
+    return count_step(arch, w1_pipeline(K), inputs, dtype, precision, public=False)
 
 
 @contextlib.contextmanager
@@ -777,10 +751,13 @@ def public_w1_step(estimator: str = "unbiased", weights=None):
     return step
 
 
-def count_step(arch: int, step, make_inputs, dtype: str = "float32", precision: str = "high") -> dict:
+def count_step(
+    arch: int, step, make_inputs, dtype: str = "float32", precision: str = "high", public: bool = True
+) -> dict:
     """Device kernels of ``step(*make_inputs(dtype))`` on the second call (tables cached, autotuning
     done): Triton launches (stand-in hook, launches skipped) + top-level aten compute ops (torch
-    profiler), and the host syncs seen."""
+    profiler), and the host syncs seen. ``public``: the step goes through the op layer (run under
+    :func:`meta_as_cuda`); the first of ``make_inputs``'s values are the tensors whose grads reset."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -789,7 +766,7 @@ def count_step(arch: int, step, make_inputs, dtype: str = "float32", precision: 
     torch.set_float32_matmul_precision(precision)
     gate = Gate(arch, compile_kernels=False)
     try:
-        with gate.active(), meta_as_cuda():
+        with gate.active(), meta_as_cuda() if public else contextlib.nullcontext():
             args = make_inputs(dt)
             step(*args)
             gate.launches.clear()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import triton.language as tl
 from fastguide.kernels import _configs
+from kernel_oracle import prune_gram
 
 
 @pytest.fixture
@@ -18,13 +19,6 @@ def device(monkeypatch):
     monkeypatch.setattr(_configs, "target_arch", lambda: state["arch"])
     monkeypatch.setattr(_configs, "max_shared_memory", lambda: state["smem"])
     return state
-
-
-def _gram(esize=4, **kw):
-    args = dict(BLOCK_M=128, ACC=tl.float32, ALIGNED=True, LAYOUT=0, DOT_LOW=False, INPUT_PRECISION="tf32")
-    args.update(kw)
-    x = torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[esize])
-    return _configs.prune_gram_fwd(_configs.gram_fwd_configs(), {"x_ref_ptr": x}, **args)
 
 
 def _grad(esize=4, **kw):
@@ -46,17 +40,17 @@ def _grad(esize=4, **kw):
 def test_gram_configs_fit_the_device(device):
     for arch, smem in ((80, 166912), (90, 232448)):
         device.update(arch=arch, smem=smem)
-        kept = _gram()
+        kept = prune_gram()
         assert kept, arch
         for c in kept:
             assert _configs.gram_fwd_smem(128, c.kwargs["BLOCK_K"], c.num_stages, 4) <= smem
             assert c.num_warps == 8  # a 128 x 128 fp32 accumulator
     device.update(arch=90, smem=232448)
-    assert any(c.kwargs["BLOCK_K"] == 64 for c in _gram())  # only sm_90 with vector loads
+    assert any(c.kwargs["BLOCK_K"] == 64 for c in prune_gram())  # only sm_90 with vector loads
     device.update(arch=80, smem=166912)
-    assert all(c.kwargs["BLOCK_K"] <= 32 for c in _gram())
-    assert all(c.kwargs["BLOCK_K"] == 16 for c in _gram(ALIGNED=False))
-    assert all(c.num_warps == 4 for c in _gram(BLOCK_M=64))
+    assert all(c.kwargs["BLOCK_K"] <= 32 for c in prune_gram())
+    assert all(c.kwargs["BLOCK_K"] == 16 for c in prune_gram(ALIGNED=False))
+    assert all(c.num_warps == 4 for c in prune_gram(BLOCK_M=64))
 
 
 def test_grad_configs_by_operands(device):
@@ -73,12 +67,12 @@ def test_grad_configs_by_operands(device):
 
 def test_tiny_limit_keeps_the_smallest(device):
     device.update(smem=1)
-    assert len(_gram()) == 1  # never empty: the smallest need stays (the launch then reports it)
+    assert len(prune_gram()) == 1  # never empty: the smallest need stays (the launch then reports it)
 
 
 def test_skip_autotune_keeps_one(device, monkeypatch):
     monkeypatch.setattr(_configs, "skip_autotune", lambda: True)
-    assert len(_gram()) == 1 and len(_grad()) == 1
+    assert len(prune_gram()) == 1 and len(_grad()) == 1
 
 
 def test_traffic_model_runs_and_counts_the_input_once():

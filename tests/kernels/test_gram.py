@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton.language as tl
 from fastguide.kernels import _configs
 from fastguide.kernels.gram import _gram_fwd_kernel, gram_fwd
 from helpers import assert_close_verbose
-from kernel_oracle import device, oracle_stats
+from kernel_oracle import device, oracle_stats, prune_gram
 
 from fastguide import _torch_backend as tb
 
@@ -192,34 +191,24 @@ def test_autotune_reduced_to_one_config():
         assert len(_configs.gram_fwd_configs()) == 1
         return
     # On a GPU the lists stay whole and the pruning keeps the first config that fits.
-    kept = _configs.prune_gram_fwd(
-        _gram_fwd_kernel.configs,
-        {"x_ref_ptr": torch.empty(1)},
-        BLOCK_M=128,
-        ACC=tl.float32,
-        ALIGNED=True,
-        LAYOUT=0,
-        DOT_LOW=False,
-        INPUT_PRECISION="tf32",
-    )
-    assert len(kept) == 1
+    assert len(prune_gram(_gram_fwd_kernel.configs)) == 1
 
 
 def test_split_heuristic(monkeypatch):
     """W1-like shapes: a lone conv-sized guide layer is split, FCN-sized target layers are not."""
-    import fastguide.kernels.gram as gram_mod
+    import fastguide.kernels._tables as tables
 
-    monkeypatch.setattr(gram_mod, "gram_split_target", lambda: 264)
+    monkeypatch.setattr(tables, "gram_split_target", lambda: 264)
     # n = 256, BLOCK_M = 128: 3 upper tiles per layer.
-    assert gram_mod._splits([200704], 3, 64, None, 256, 4) == [49]
-    assert gram_mod._splits([200704], 3, 64, None, 256, 2) == [24]
-    assert gram_mod._splits([4096] * 8, 3, 64, None, 256, 4) == [1] * 8
+    assert tables._splits([200704], 3, 64, None, 256, 4) == [49]
+    assert tables._splits([200704], 3, 64, None, 256, 2) == [24]
+    assert tables._splits([4096] * 8, 3, 64, None, 256, 4) == [1] * 8
     # Enough tiles already: no split.
-    assert gram_mod._splits([1024] * 24, 528, 64, None, 4096, 4) == [1] * 24
+    assert tables._splits([1024] * 24, 528, 64, None, 4096, 4) == [1] * 24
     # Forced splits are capped by the number of BLOCK_K granules.
-    assert gram_mod._splits([70, 33], 1, 32, 3, 20, 4) == [3, 2]
+    assert tables._splits([70, 33], 1, 32, 3, 20, 4) == [3, 2]
     with pytest.raises(ValueError, match="split"):
-        gram_mod._splits([70], 1, 32, 0, 20, 4)
+        tables._splits([70], 1, 32, 0, 20, 4)
 
 
 # --------------------------------------------------------------------------- GPU-only checks
