@@ -198,13 +198,18 @@ def _holds_address(key) -> bool:
     return isinstance(key, int) and key > 2**32
 
 
-def test_device_tables_stay_put_between_steps():
+def test_device_tables_stay_put_between_steps(monkeypatch):
     """A second identical step rebuilds no index table (pairs, programs, slots, contributions): the
     same device tensors are used. Tables of data pointers (layers, outputs) are reused while the
     allocator hands back the same addresses, as the CUDA caching allocator does in a training loop
     and a CUDA graph always does; they are not checked here (CPU malloc may move them)."""
+    from collections import OrderedDict
+
     from fastguide.kernels import _common
 
+    # An empty LRU: filled by earlier tests, evictions during these steps would make the check depend
+    # on test order.
+    monkeypatch.setattr(_common, "_TABLES", OrderedDict())
     xs = [x.requires_grad_(True) for x in _layers(12, (6, 9))]
     ys = _layers(12, (4, 8))
     loss = fg.CKALoss(backend="triton", route="gram")
