@@ -40,6 +40,12 @@ def _add_demo(sub) -> None:
     _add_device_workers(p)
     p.add_argument("--tasks", nargs="+", default=None, help="subset of tasks: digits copy parity")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="the libraries' native CPU code paths instead of the reproducible settings "
+        "(docs/reproducibility.md): faster, but the numbers depend on the processor",
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -54,6 +60,7 @@ def _run_demo(args) -> int:
         workers=args.workers,
         tasks=args.tasks,
         progress=not args.no_progress,
+        reproducible=not args.native,
     )
     return 0
 

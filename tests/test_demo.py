@@ -144,6 +144,17 @@ def test_cli_help_and_bench_dispatch(monkeypatch):
     assert called["argv"] == ["--x", "1"]
 
 
+def test_demo_cli_reproducible_by_default(monkeypatch):
+    """The demo runs with the reproducible settings unless --native asks for the native code paths."""
+    from fastguide import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_demo", lambda out, **kw: seen.append(kw["reproducible"]))
+    assert cli.main(["demo", "--quick"]) == 0
+    assert cli.main(["demo", "--quick", "--native"]) == 0
+    assert seen == [True, False]
+
+
 def test_heatmap(tmp_path):
     from fastguide.experiments.heatmap import run_heatmap
 
