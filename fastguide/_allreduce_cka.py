@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ._torch_backend import degenerate_factor, feature_cost
+from ._torch_backend import degenerate_factor, feature_cost, stack_dtype
 from ._utils import SHIFT_ROWS, acc_dtype
 from ._validate import (
     ESTIMATORS,
@@ -173,7 +173,7 @@ def allreduce_feature_cka(
     """
     layers, A, plist = _check_inputs(xs, ys, pairs, estimator, tokens)
     unbiased = estimator == "unbiased"
-    dt = torch.float64 if any(x.dtype == torch.float64 for x in layers) else torch.float32
+    dt = stack_dtype(layers)
     dev = layers[0].device
     frame = _common_frame(layers, dt, group)
     used = sorted({i for i, _ in plist} | {A + j for _, j in plist})

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import torch
 
 from . import _torch_backend, _triton_backend
-from ._torch_backend import center_gram_, degenerate_factor, vanishes
-from ._utils import acc_dtype, hsic_norm, pair_index
+from ._torch_backend import center_gram_, degenerate_factor, stack_dtype, vanishes
+from ._utils import hsic_norm, pair_index
 
 __all__ = ["GroupStats", "GroupCKA", "group_stats", "make_group_stats", "group_cka", "reduce_groups"]
 
@@ -75,10 +75,6 @@ class GroupCKA(NamedTuple):
     valid: torch.Tensor
 
 
-def _stack_dtype(layers: list[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in layers) else torch.float32
-
-
 def group_stats(layers: list[torch.Tensor], estimator: str, backend: str) -> tuple[torch.Tensor, ...]:
     """Grouped statistics of L layers (G, n, d_l): C (L, G, n, n), s, ok, h (each (L, G)). No autograd.
 
@@ -87,7 +83,7 @@ def group_stats(layers: list[torch.Tensor], estimator: str, backend: str) -> tup
     """
     be = _BACKENDS[backend]
     G, n = layers[0].shape[:2]
-    C = torch.empty((len(layers), G, n, n), dtype=_stack_dtype(layers), device=layers[0].device)
+    C = torch.empty((len(layers), G, n, n), dtype=stack_dtype(layers), device=layers[0].device)
     # Threshold (4 eps)^2 ||x_g||^2 of each group, eps of the layer's input dtype (DESIGN.md section 3).
     thr = torch.stack([be.group_gram(X, C[l]) * degenerate_factor(X.dtype) for l, X in enumerate(layers)])
     ref = C.diagonal(dim1=-2, dim2=-1).sum(-1)  # rounding reference of the vanishing test
@@ -154,7 +150,7 @@ def _group_cka_fwd(
 def _(layers, pre_C, pre_ok, pre_h, pairs, estimator, backend):
     ref = layers[0]
     G, n = ref.shape[0], ref.shape[1]
-    dt = _stack_dtype(layers)
+    dt = stack_dtype(layers)
     L, P = len(layers), len(pairs) // 2
     return (
         ref.new_empty((P, G), dtype=dt),
@@ -274,7 +270,7 @@ def group_cka(
         pre_ok = torch.stack([st.ok for st in pre])
         pre_h = torch.stack([st.h for st in pre])
     else:
-        dt = acc_dtype(_stack_dtype(layers))
+        dt = stack_dtype(layers)
         pre_C = ref.new_empty((0, G, n, n), dtype=dt)
         pre_ok = ref.new_empty((0, G), dtype=torch.bool)
         pre_h = ref.new_empty((0, G), dtype=dt)

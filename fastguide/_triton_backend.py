@@ -48,7 +48,7 @@ _LAUNCHERS = ("gram_fwd", "hsic_pairs", "grad_x", "cka_pairs_fwd", "cka_matrix_f
 
 
 def load_kernels():
-    """The ``fastguide.kernels`` package (launchers ``gram_fwd``, ``hsic_pairs``, ``grad_x``).
+    """The ``fastguide.kernels`` package (the launchers named in ``_LAUNCHERS``).
 
     Imported on first use; raises RuntimeError saying why when Triton or the kernels cannot be
     imported here (the benchmark harness calls this to report availability).
@@ -125,7 +125,7 @@ def layer_grad(
     The launcher takes the C's in x's accumulation dtype: a float32 layer of a call with float64
     layers gets its partners' matrices rounded to float32 (its own contract).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     Cs = [c.to(acc) for c in Cs]
     return load_kernels().grad_x(x, Cs, w.to(acc), (2.0 / s).to(acc))
 
@@ -244,7 +244,7 @@ def group_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def group_grad(W: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale_g W_g X^_g`` per group of a (G, n, d) view, one launch, in x's dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     return _group_kernels().group_grad_bwd(
         W.to(acc).contiguous(), x, tb.group_shift(x).contiguous(), scale.to(acc).contiguous()
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._utils import SHIFT_ROWS
+from ._utils import SHIFT_ROWS, acc_dtype
 
 ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
@@ -148,7 +148,7 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     CKA is invariant to the per-feature shift c; averaging the raw values would round the mean at the
     offset's magnitude before the op's own shift (issue 14 item 6: 7.7e-5 at +5e3 in fp32).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     c = x[:SHIFT_ROWS].detach().to(acc).mean(dim=(0, 1))
     return (x.to(acc) - c).mean(dim=1)
 
